@@ -1,0 +1,120 @@
+//! Settings both services read: where the broker is and how much history it keeps.
+
+use std::{fmt, time::Duration};
+
+/// Parses a human duration (`15s`, `500ms`, `24h`); zero is refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let d =
+        humantime::parse_duration(text.trim()).map_err(|e| format!("{e} (try 15s, 500ms, 24h)"))?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Broker settings. Every field is an environment variable and a command-line flag.
+#[derive(clap::Args, Clone)]
+pub struct BrokerConfig {
+    /// Redis URL, `redis://[[user]:password@]host:port[/db]`. `gateway` and `publisher` need it;
+    /// `standalone` uses it when set and an in-memory broker otherwise.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and pub/sub channel eventgate uses.
+    #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "eventgate:")]
+    pub redis_key_prefix: String,
+
+    /// How long a Redis command may take before the request fails (503).
+    #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Redis command connections per process (the pub/sub connection is extra).
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub redis_pool_size: u32,
+
+    /// Events kept per channel for resume (approximately, on Redis).
+    #[arg(long, env = "HISTORY_MAX_LEN", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub history_max_len: u64,
+
+    /// A channel's history expires this long after its last event. Gateways and publishers
+    /// must agree on it.
+    #[arg(long, env = "HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
+}
+
+impl BrokerConfig {
+    /// Defaults for an in-memory broker; tests and embedders start here.
+    pub fn memory() -> Self {
+        Self {
+            redis_url: None,
+            redis_key_prefix: "eventgate:".into(),
+            redis_timeout: Duration::from_secs(2),
+            redis_pool_size: 8,
+            history_max_len: 10_000,
+            history_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+
+    /// The Redis URL with any password replaced, for logs.
+    pub fn redacted_redis_url(&self) -> Option<String> {
+        self.redis_url.as_deref().map(redact_url)
+    }
+
+    /// Granularity of the clock that tells how old a cursor is (see `docs/resume.md`): about a
+    /// thousandth of the TTL, at least a second.
+    pub fn clock_bucket_secs(&self) -> u64 {
+        (self.history_ttl.as_secs() / 1024).max(1)
+    }
+}
+
+/// Clock checkpoints kept: enough to cover the TTL at [`BrokerConfig::clock_bucket_secs`].
+pub(crate) const CLOCK_KEEP: u64 = 1024 + 16;
+
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl fmt::Debug for BrokerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BrokerConfig")
+            .field("redis_url", &self.redacted_redis_url())
+            .field("redis_key_prefix", &self.redis_key_prefix)
+            .field("redis_timeout", &self.redis_timeout)
+            .field("redis_pool_size", &self.redis_pool_size)
+            .field("history_max_len", &self.history_max_len)
+            .field("history_ttl", &self.history_ttl)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_human_forms() {
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("fast").is_err());
+    }
+
+    #[test]
+    fn passwords_never_reach_logs() {
+        let mut config = BrokerConfig::memory();
+        config.redis_url = Some("redis://:hunter2@cache:6379/0".into());
+        assert_eq!(
+            config.redacted_redis_url().unwrap(),
+            "redis://***@cache:6379/0"
+        );
+        assert!(!format!("{config:?}").contains("hunter2"));
+    }
+}

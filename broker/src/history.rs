@@ -1,0 +1,294 @@
+//! Resume: cursors, deciding whether history after a cursor is complete, and replaying it
+//! across channels in one global order.
+//!
+//! Every event has a `seq` from one counter per broker, so one cursor (the last `seq` a client
+//! saw) is a resume point on every channel at once. History after a cursor is complete on a
+//! channel when no entry with a higher `seq` was removed from its stream; the rules are in
+//! [`assess`] and the reasoning in `docs/resume.md`.
+
+use std::collections::VecDeque;
+
+use crate::{Broker, BrokerError, Channel, Event};
+
+/// Why a cursor is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("event id {0:?} is not valid: expected a decimal event id such as \"1042\"")]
+pub struct CursorError(pub String);
+
+/// Parses a client's cursor: the decimal `id` of the last event it saw.
+pub fn parse_cursor(text: &str) -> Result<u64, CursorError> {
+    let valid = !text.is_empty() && text.len() <= 20 && text.bytes().all(|b| b.is_ascii_digit());
+    let shown = || CursorError(text.chars().take(40).collect());
+    if !valid {
+        return Err(shown());
+    }
+    text.parse().map_err(|_| shown())
+}
+
+/// The broker's current position: its counter, and the epoch the counter was seeded in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Changes when the counter is re-created (a Redis that lost its data).
+    pub epoch: u64,
+    /// The highest `seq` handed out so far.
+    pub seq: u64,
+}
+
+/// What is known about entries removed from a channel's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// Nothing was ever removed from this stream.
+    Nothing,
+    /// Every removed entry had a `seq` at most this.
+    Upto(u64),
+    /// Entries were removed: trimmed ones all below the first retained entry, deleted ones at
+    /// most `max_deleted`. Redis reports this much and no more.
+    BelowFirst { max_deleted: u64 },
+}
+
+/// What a broker knows about one channel's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamFacts {
+    /// No stream: the channel never had an event, or its history expired.
+    Missing,
+    Present {
+        /// `seq` of the oldest retained entry; `None` when the stream is empty.
+        first: Option<u64>,
+        removed: Removed,
+    },
+}
+
+/// Why history after a cursor cannot be shown to be complete. Clients get an `event: reset`
+/// naming the channels and this reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapReason {
+    /// Entries after the cursor were trimmed by `HISTORY_MAX_LEN`.
+    Trimmed,
+    /// The channel's history expired (`HISTORY_TTL`) and the cursor is older than that.
+    Expired,
+    /// The cursor is ahead of the broker's counter: it comes from another broker or from before
+    /// a data loss.
+    UnknownPosition,
+    /// The broker lost its data (Redis restarted empty) while the client was connected.
+    DataLost,
+}
+
+impl GapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Trimmed => "history_trimmed",
+            GapReason::Expired => "history_expired",
+            GapReason::UnknownPosition => "unknown_position",
+            GapReason::DataLost => "data_lost",
+        }
+    }
+}
+
+/// One channel's answer to a history read.
+#[derive(Debug, Clone)]
+pub struct ChannelPage {
+    pub facts: StreamFacts,
+    /// Every event with a `seq` above the requested cursor was published less than
+    /// `HISTORY_TTL` ago, so none of them can have expired.
+    pub recent: bool,
+    /// Events after the cursor, up to the requested end and count, in order.
+    pub events: Vec<Event>,
+}
+
+/// Decides whether the history of one channel is complete after `after`.
+pub fn assess(after: u64, facts: &StreamFacts, recent: bool) -> Result<(), GapReason> {
+    // An event after the cursor could have lived in an earlier incarnation of the stream that
+    // expired; that is impossible when every such event is younger than the TTL.
+    let expired_unless_recent = || {
+        if recent {
+            Ok(())
+        } else {
+            Err(GapReason::Expired)
+        }
+    };
+    match *facts {
+        StreamFacts::Missing => expired_unless_recent(),
+        StreamFacts::Present { first, removed } => match removed {
+            Removed::Nothing => match first {
+                Some(first) if first <= after => Ok(()),
+                _ => expired_unless_recent(),
+            },
+            Removed::Upto(upto) if upto <= after => Ok(()),
+            Removed::Upto(_) => Err(GapReason::Trimmed),
+            Removed::BelowFirst { max_deleted } => match first {
+                Some(first) if first <= after && max_deleted <= after => Ok(()),
+                _ => Err(GapReason::Trimmed),
+            },
+        },
+    }
+}
+
+/// One step of a replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayItem {
+    Event(Event),
+    /// History of this channel is incomplete after the cursor; no more of its history follows.
+    Gap(Channel, GapReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Open,
+    Exhausted,
+    Gapped,
+}
+
+struct ChannelReplay {
+    channel: Channel,
+    after: u64,
+    buffered: VecDeque<Event>,
+    state: Lane,
+}
+
+/// Replays history of several channels after one cursor, up to `upto`, merged into global
+/// `seq` order. Reads a page per channel at a time, so a long replay holds little memory, and
+/// checks completeness on every page, so entries trimmed mid-replay surface as a gap.
+pub struct Replay {
+    broker: Broker,
+    upto: u64,
+    page: usize,
+    lanes: Vec<ChannelReplay>,
+    gaps: VecDeque<(Channel, GapReason)>,
+}
+
+impl Replay {
+    pub fn new(
+        broker: Broker,
+        channels: impl IntoIterator<Item = Channel>,
+        after: u64,
+        upto: u64,
+        page: usize,
+    ) -> Self {
+        let lanes = channels
+            .into_iter()
+            .map(|channel| ChannelReplay {
+                channel,
+                after,
+                buffered: VecDeque::new(),
+                state: if after < upto {
+                    Lane::Open
+                } else {
+                    Lane::Exhausted
+                },
+            })
+            .collect();
+        Self {
+            broker,
+            upto,
+            page: page.max(1),
+            lanes,
+            gaps: VecDeque::new(),
+        }
+    }
+
+    /// The next event or gap, or `None` when the replay is done.
+    pub async fn next(&mut self) -> Result<Option<ReplayItem>, BrokerError> {
+        loop {
+            if let Some((channel, reason)) = self.gaps.pop_front() {
+                return Ok(Some(ReplayItem::Gap(channel, reason)));
+            }
+            let starving: Vec<usize> = (0..self.lanes.len())
+                .filter(|&i| self.lanes[i].state == Lane::Open && self.lanes[i].buffered.is_empty())
+                .collect();
+            if !starving.is_empty() {
+                self.refill(&starving).await?;
+                continue;
+            }
+            let next = self
+                .lanes
+                .iter_mut()
+                .filter(|lane| !lane.buffered.is_empty())
+                .min_by_key(|lane| lane.buffered.front().map(|e| e.seq));
+            return Ok(next
+                .and_then(|lane| lane.buffered.pop_front())
+                .map(ReplayItem::Event));
+        }
+    }
+
+    async fn refill(&mut self, lanes: &[usize]) -> Result<(), BrokerError> {
+        let requests: Vec<(Channel, u64)> = lanes
+            .iter()
+            .map(|&i| (self.lanes[i].channel.clone(), self.lanes[i].after))
+            .collect();
+        let pages = self.broker.history(&requests, self.upto, self.page).await?;
+        for (&i, page) in lanes.iter().zip(pages) {
+            let lane = &mut self.lanes[i];
+            if let Err(reason) = assess(lane.after, &page.facts, page.recent) {
+                lane.state = Lane::Gapped;
+                self.gaps.push_back((lane.channel.clone(), reason));
+                continue;
+            }
+            let full = page.events.len() >= self.page;
+            for event in page.events {
+                if event.seq > lane.after && event.seq <= self.upto {
+                    lane.after = event.seq;
+                    lane.buffered.push_back(event);
+                }
+            }
+            if !full || lane.after >= self.upto {
+                lane.state = Lane::Exhausted;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_are_plain_decimal_ids() {
+        assert_eq!(parse_cursor("1042"), Ok(1042));
+        assert_eq!(parse_cursor("0"), Ok(0));
+        assert_eq!(parse_cursor("18446744073709551615"), Ok(u64::MAX));
+        for bad in ["", "-1", "12a", " 12", "1.5", "18446744073709551616", "1e3"] {
+            assert!(parse_cursor(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    const RECENT: bool = true;
+    const OLD: bool = false;
+
+    fn present(first: Option<u64>, removed: Removed) -> StreamFacts {
+        StreamFacts::Present { first, removed }
+    }
+
+    #[test]
+    fn a_missing_stream_is_complete_only_for_a_recent_cursor() {
+        assert_eq!(assess(10, &StreamFacts::Missing, RECENT), Ok(()));
+        assert_eq!(
+            assess(10, &StreamFacts::Missing, OLD),
+            Err(GapReason::Expired)
+        );
+    }
+
+    #[test]
+    fn an_untrimmed_stream_is_complete_when_it_began_at_or_before_the_cursor() {
+        let facts = present(Some(5), Removed::Nothing);
+        assert_eq!(assess(5, &facts, OLD), Ok(()));
+        assert_eq!(assess(9, &facts, OLD), Ok(()));
+        // Began after the cursor: an expired earlier stream may have held events.
+        assert_eq!(assess(4, &facts, OLD), Err(GapReason::Expired));
+        assert_eq!(assess(4, &facts, RECENT), Ok(()));
+    }
+
+    #[test]
+    fn trimming_after_the_cursor_is_a_gap() {
+        // Redis: trimmed entries lie somewhere below the first retained one.
+        let facts = present(Some(100), Removed::BelowFirst { max_deleted: 0 });
+        assert_eq!(assess(100, &facts, RECENT), Ok(()));
+        assert_eq!(assess(99, &facts, RECENT), Err(GapReason::Trimmed));
+        let deleted = present(Some(100), Removed::BelowFirst { max_deleted: 150 });
+        assert_eq!(assess(120, &deleted, RECENT), Err(GapReason::Trimmed));
+        // Memory broker: the highest removed id is known exactly.
+        let exact = present(Some(100), Removed::Upto(60));
+        assert_eq!(assess(60, &exact, OLD), Ok(()));
+        assert_eq!(assess(59, &exact, RECENT), Err(GapReason::Trimmed));
+    }
+}

@@ -1,0 +1,363 @@
+//! The in-memory broker: standalone mode's Redis, with the same contract (one counter, capped
+//! and expiring per-channel history, live delivery in counter order).
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    pin::Pin,
+    sync::{Arc, Mutex, MutexGuard, PoisonError, Weak},
+    task::{Context, Poll},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::Stream;
+use tokio::{sync::mpsc, time::Instant};
+
+use crate::{
+    BrokerConfig, Channel, ChannelPage, Event, LiveMessage, Outgoing, Position, Removed,
+    StreamFacts, config::CLOCK_KEEP,
+};
+
+/// An in-process broker. Cheap to share: wrap it in an `Arc`.
+pub struct MemoryBroker {
+    state: Mutex<State>,
+    max_len: usize,
+    ttl: Duration,
+    bucket: Duration,
+    timeout: Duration,
+}
+
+struct State {
+    seq: u64,
+    epoch: u64,
+    channels: HashMap<Channel, Log>,
+    /// `(seq, at)`: every seq from `seq` on was handed out at or after `at`.
+    clock: VecDeque<(u64, Instant)>,
+    live: HashMap<u64, LiveConn>,
+    next_conn: u64,
+    next_sweep: Instant,
+}
+
+struct Log {
+    entries: VecDeque<Event>,
+    /// Highest seq trimmed away, 0 when none.
+    removed_upto: u64,
+    expires_at: Instant,
+}
+
+struct LiveConn {
+    replica: String,
+    channels: HashSet<Channel>,
+    tx: mpsc::UnboundedSender<LiveMessage>,
+}
+
+impl MemoryBroker {
+    pub fn new(config: &BrokerConfig) -> Self {
+        // Seeded from the wall clock like the Redis counter, so a cursor from a previous run is
+        // never mistaken for a position in this one.
+        let millis = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let seed = millis * 1000;
+        let now = Instant::now();
+        Self {
+            state: Mutex::new(State {
+                seq: seed,
+                epoch: seed,
+                channels: HashMap::new(),
+                clock: VecDeque::from([(seed + 1, now)]),
+                live: HashMap::new(),
+                next_conn: 0,
+                next_sweep: now,
+            }),
+            max_len: usize::try_from(config.history_max_len)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            ttl: config.history_ttl,
+            bucket: Duration::from_secs(config.clock_bucket_secs()),
+            timeout: config.redis_timeout,
+        }
+    }
+
+    /// The operation timeout callers use for waits that involve this broker.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub fn publish(&self, entries: &[Outgoing]) -> Vec<u64> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        self.sweep(&mut state, now);
+        let next = state.seq + 1;
+        if state
+            .clock
+            .back()
+            .is_none_or(|&(_, at)| at + self.bucket <= now)
+        {
+            state.clock.push_back((next, now));
+            while state.clock.len() as u64 > CLOCK_KEEP {
+                state.clock.pop_front();
+            }
+        }
+        let mut seqs = Vec::with_capacity(entries.len());
+        for entry in entries {
+            state.seq += 1;
+            let event = Event {
+                seq: state.seq,
+                channel: entry.channel.clone(),
+                body: entry.body.clone(),
+            };
+            let log = state
+                .channels
+                .entry(entry.channel.clone())
+                .or_insert_with(|| Log::new(now));
+            if log.expires_at <= now {
+                *log = Log::new(now);
+            }
+            log.entries.push_back(event.clone());
+            if log.entries.len() > self.max_len
+                && let Some(old) = log.entries.pop_front()
+            {
+                log.removed_upto = old.seq;
+            }
+            log.expires_at = now + self.ttl;
+            for conn in state.live.values() {
+                if conn.channels.contains(&event.channel) {
+                    let _ = conn.tx.send(LiveMessage::Event(event.clone()));
+                }
+            }
+            seqs.push(event.seq);
+        }
+        seqs
+    }
+
+    /// Drops expired channels now and then, so memory follows the TTL.
+    fn sweep(&self, state: &mut State, now: Instant) {
+        if now < state.next_sweep {
+            return;
+        }
+        state.channels.retain(|_, log| log.expires_at > now);
+        state.next_sweep = now + (self.ttl / 8).max(Duration::from_secs(1));
+    }
+
+    pub fn position(&self) -> Position {
+        let state = self.lock();
+        Position {
+            epoch: state.epoch,
+            seq: state.seq,
+        }
+    }
+
+    pub fn history(
+        &self,
+        requests: &[(Channel, u64)],
+        upto: u64,
+        limit: usize,
+    ) -> Vec<ChannelPage> {
+        let state = self.lock();
+        let now = Instant::now();
+        requests
+            .iter()
+            .map(|(channel, after)| {
+                let recent = state
+                    .clock
+                    .iter()
+                    .rev()
+                    .find(|&&(seq, _)| seq <= after.saturating_add(1))
+                    .is_some_and(|&(_, at)| at + self.ttl > now);
+                let Some(log) = state.channels.get(channel).filter(|l| l.expires_at > now) else {
+                    return ChannelPage {
+                        facts: StreamFacts::Missing,
+                        recent,
+                        events: Vec::new(),
+                    };
+                };
+                let start = log.entries.partition_point(|e| e.seq <= *after);
+                let events = log
+                    .entries
+                    .range(start..)
+                    .take_while(|e| e.seq <= upto)
+                    .take(limit)
+                    .cloned()
+                    .collect();
+                let removed = match log.removed_upto {
+                    0 => Removed::Nothing,
+                    upto => Removed::Upto(upto),
+                };
+                ChannelPage {
+                    facts: StreamFacts::Present {
+                        first: log.entries.front().map(|e| e.seq),
+                        removed,
+                    },
+                    recent,
+                    events,
+                }
+            })
+            .collect()
+    }
+
+    /// Opens a live connection for `replica`; its messages arrive in publish order.
+    pub fn connect_live(self: &Arc<Self>, replica: &str) -> (MemoryLiveSink, MemoryLiveStream) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = self.lock();
+        let id = state.next_conn;
+        state.next_conn += 1;
+        state.live.insert(
+            id,
+            LiveConn {
+                replica: replica.to_owned(),
+                channels: HashSet::new(),
+                tx,
+            },
+        );
+        let sink = MemoryLiveSink {
+            broker: Arc::downgrade(self),
+            id,
+        };
+        let stream = MemoryLiveStream {
+            rx,
+            _guard: ConnGuard {
+                broker: Arc::downgrade(self),
+                id,
+            },
+        };
+        (sink, stream)
+    }
+
+    /// Sends the counter to `replica`'s live connections, in order with events.
+    pub fn request_marker(&self, replica: &str) -> bool {
+        let state = self.lock();
+        let mut delivered = false;
+        for conn in state.live.values().filter(|c| c.replica == replica) {
+            delivered |= conn.tx.send(LiveMessage::Marker(state.seq)).is_ok();
+        }
+        delivered
+    }
+}
+
+impl Log {
+    fn new(now: Instant) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            removed_upto: 0,
+            expires_at: now,
+        }
+    }
+}
+
+/// Subscribes and unsubscribes channels of one memory live connection.
+#[derive(Clone)]
+pub struct MemoryLiveSink {
+    broker: Weak<MemoryBroker>,
+    id: u64,
+}
+
+impl MemoryLiveSink {
+    pub fn subscribe(&self, channels: &[Channel]) {
+        self.update(|set| set.extend(channels.iter().cloned()));
+    }
+
+    pub fn unsubscribe(&self, channels: &[Channel]) {
+        self.update(|set| {
+            for c in channels {
+                set.remove(c);
+            }
+        });
+    }
+
+    fn update(&self, f: impl FnOnce(&mut HashSet<Channel>)) {
+        if let Some(broker) = self.broker.upgrade()
+            && let Some(conn) = broker.lock().live.get_mut(&self.id)
+        {
+            f(&mut conn.channels);
+        }
+    }
+}
+
+/// The messages of one memory live connection.
+pub struct MemoryLiveStream {
+    rx: mpsc::UnboundedReceiver<LiveMessage>,
+    _guard: ConnGuard,
+}
+
+struct ConnGuard {
+    broker: Weak<MemoryBroker>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if let Some(broker) = self.broker.upgrade() {
+            broker.lock().live.remove(&self.id);
+        }
+    }
+}
+
+impl Stream for MemoryLiveStream {
+    type Item = LiveMessage;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LiveMessage>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn outgoing(channel: &str) -> Outgoing {
+        Outgoing {
+            channel: Channel::parse(channel).unwrap(),
+            body: Bytes::from_static(br#"{"data":1,"timestamp":"t"}"#),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_history_is_gone_and_old_cursors_are_not_recent() {
+        let mut config = BrokerConfig::memory();
+        config.history_ttl = Duration::from_secs(10);
+        let broker = MemoryBroker::new(&config);
+        let start = broker.position().seq;
+        let seqs = broker.publish(&[outgoing("a")]);
+        let orders = Channel::parse("a").unwrap();
+
+        let page = &broker.history(&[(orders.clone(), start)], u64::MAX, 10)[0];
+        assert_eq!(page.events.len(), 1);
+        assert!(page.recent);
+
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let page = &broker.history(&[(orders, start)], u64::MAX, 10)[0];
+        assert_eq!(page.facts, StreamFacts::Missing);
+        assert!(!page.recent, "a cursor older than the TTL is not recent");
+        assert_eq!(seqs, vec![start + 1]);
+    }
+
+    #[test]
+    fn trimming_is_exact_and_reported() {
+        let mut config = BrokerConfig::memory();
+        config.history_max_len = 3;
+        let broker = MemoryBroker::new(&config);
+        let seqs = broker.publish(&[
+            outgoing("a"),
+            outgoing("a"),
+            outgoing("b"),
+            outgoing("a"),
+            outgoing("a"),
+        ]);
+        let page = &broker.history(&[(Channel::parse("a").unwrap(), 0)], u64::MAX, 10)[0];
+        let kept: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
+        assert_eq!(kept, vec![seqs[1], seqs[3], seqs[4]]);
+        assert_eq!(
+            page.facts,
+            StreamFacts::Present {
+                first: Some(seqs[1]),
+                removed: Removed::Upto(seqs[0])
+            }
+        );
+    }
+}

@@ -1,0 +1,130 @@
+//! A replica's one pub/sub connection.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures::Stream;
+use redis::aio::{PubSubSink, PubSubStream};
+
+use super::Keys;
+use crate::{BrokerError, Channel, Event, LiveMessage};
+
+pub(super) async fn connect(
+    client: &redis::Client,
+    keys: Keys,
+    replica: &str,
+    timeout: Duration,
+) -> Result<(RedisLiveSink, RedisLiveStream), BrokerError> {
+    let pubsub = tokio::time::timeout(timeout, client.get_async_pubsub())
+        .await
+        .map_err(|_| BrokerError::Timeout(timeout))??;
+    let (sink, stream) = pubsub.split();
+    let marker = keys.marker(replica);
+    let mut sink = RedisLiveSink {
+        sink,
+        keys: keys.clone(),
+        timeout,
+    };
+    sink.command(true, vec![marker.clone()]).await?;
+    let stream = RedisLiveStream {
+        inner: stream,
+        live_prefix: keys.live,
+        marker,
+    };
+    Ok((sink, stream))
+}
+
+/// Subscribes and unsubscribes channels; each call returns once Redis confirmed it.
+#[derive(Clone)]
+pub struct RedisLiveSink {
+    sink: PubSubSink,
+    keys: Keys,
+    timeout: Duration,
+}
+
+impl RedisLiveSink {
+    pub async fn subscribe(&mut self, channels: &[Channel]) -> Result<(), BrokerError> {
+        let names = channels.iter().map(|c| self.keys.live(c)).collect();
+        self.command(true, names).await
+    }
+
+    pub async fn unsubscribe(&mut self, channels: &[Channel]) -> Result<(), BrokerError> {
+        let names = channels.iter().map(|c| self.keys.live(c)).collect();
+        self.command(false, names).await
+    }
+
+    async fn command(&mut self, subscribe: bool, names: Vec<String>) -> Result<(), BrokerError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.timeout;
+        let work = async {
+            if subscribe {
+                self.sink.subscribe(names).await
+            } else {
+                self.sink.unsubscribe(names).await
+            }
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| BrokerError::Timeout(timeout))?
+            .map_err(BrokerError::from)
+    }
+}
+
+/// Messages in the order Redis executed the publishes; ends when the connection drops.
+pub struct RedisLiveStream {
+    inner: PubSubStream,
+    live_prefix: String,
+    marker: String,
+}
+
+impl RedisLiveStream {
+    fn decode(&self, msg: &redis::Msg) -> LiveMessage {
+        let name = msg.get_channel_name();
+        let payload = msg.get_payload_bytes();
+        if name == self.marker {
+            return match std::str::from_utf8(payload)
+                .ok()
+                .and_then(|s| s.parse().ok())
+            {
+                Some(seq) => LiveMessage::Marker(seq),
+                None => LiveMessage::Malformed(format!("marker payload {payload:?}")),
+            };
+        }
+        let Some(channel) = name
+            .strip_prefix(self.live_prefix.as_str())
+            .and_then(|c| Channel::parse(c).ok())
+        else {
+            return LiveMessage::Malformed(format!("message on unexpected channel {name:?}"));
+        };
+        let Some(space) = payload.iter().position(|&b| b == b' ') else {
+            return LiveMessage::Malformed(format!("message on {name:?} without a seq"));
+        };
+        let seq = std::str::from_utf8(&payload[..space])
+            .ok()
+            .and_then(|s| s.parse().ok());
+        match seq {
+            Some(seq) => LiveMessage::Event(Event {
+                seq,
+                channel,
+                body: Bytes::copy_from_slice(&payload[space + 1..]),
+            }),
+            None => LiveMessage::Malformed(format!("message on {name:?} with a bad seq")),
+        }
+    }
+}
+
+impl Stream for RedisLiveStream {
+    type Item = LiveMessage;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LiveMessage>> {
+        Pin::new(&mut self.inner)
+            .poll_next(cx)
+            .map(|msg| msg.map(|msg| self.decode(&msg)))
+    }
+}

@@ -1,0 +1,308 @@
+//! The Redis broker: history in one capped stream per channel, live delivery over pub/sub, one
+//! counter for all channels. All writes happen inside `publish.lua`, atomically.
+
+mod live;
+mod reply;
+
+use std::{future::Future, time::Duration};
+
+use bytes::Bytes;
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::{AsyncConnectionConfig, Script, Value};
+
+pub use live::{RedisLiveSink, RedisLiveStream};
+
+use crate::{
+    BrokerConfig, BrokerError, Channel, ChannelPage, Event, Outgoing, Position, Removed,
+    StreamFacts, config::CLOCK_KEEP,
+};
+
+/// Redis key and pub/sub channel names, all under the configured prefix.
+#[derive(Clone, Debug)]
+pub(crate) struct Keys {
+    counter: String,
+    epoch: String,
+    clock: String,
+    stream: String,
+    live: String,
+    marker: String,
+}
+
+impl Keys {
+    fn new(prefix: &str) -> Self {
+        Self {
+            counter: format!("{prefix}seq"),
+            epoch: format!("{prefix}epoch"),
+            clock: format!("{prefix}clock"),
+            stream: format!("{prefix}stream:"),
+            live: format!("{prefix}live:"),
+            marker: format!("{prefix}marker:"),
+        }
+    }
+
+    fn stream(&self, channel: &Channel) -> String {
+        format!("{}{channel}", self.stream)
+    }
+
+    fn live(&self, channel: &Channel) -> String {
+        format!("{}{channel}", self.live)
+    }
+
+    fn marker(&self, replica: &str) -> String {
+        format!("{}{replica}", self.marker)
+    }
+}
+
+/// A broker on one Redis primary (7.0 or newer).
+pub struct RedisBroker {
+    pool: Pool,
+    client: redis::Client,
+    keys: Keys,
+    config: BrokerConfig,
+    publish: Script,
+    position: Script,
+    history: Script,
+    marker: Script,
+}
+
+impl RedisBroker {
+    /// Connects, and checks that the server is Redis 7 or newer.
+    pub async fn connect(url: &str, config: &BrokerConfig) -> Result<Self, BrokerError> {
+        let timeout = config.redis_timeout;
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        let manager = Manager::new_with_config(url, connection)?;
+        let pool = Pool::builder(manager)
+            .max_size(config.redis_pool_size as usize)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| BrokerError::Protocol(format!("building the connection pool: {e}")))?;
+        let broker = Self {
+            pool,
+            client: redis::Client::open(url)?,
+            keys: Keys::new(&config.redis_key_prefix),
+            config: config.clone(),
+            publish: Script::new(include_str!("publish.lua")),
+            position: Script::new(include_str!("position.lua")),
+            history: Script::new(include_str!("history.lua")),
+            marker: Script::new(include_str!("marker.lua")),
+        };
+        broker.check_version().await?;
+        Ok(broker)
+    }
+
+    async fn check_version(&self) -> Result<(), BrokerError> {
+        let info: String = self
+            .with_conn(
+                |mut c| async move { redis::cmd("INFO").arg("server").query_async(&mut c).await },
+            )
+            .await?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("unknown")
+            .trim()
+            .to_owned();
+        let major: u32 = version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major < 7 {
+            return Err(BrokerError::Version { found: version });
+        }
+        Ok(())
+    }
+
+    /// Runs `op` on a pooled connection, bounded by `REDIS_TIMEOUT`.
+    async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let timeout = self.config.redis_timeout;
+        let work = async {
+            let conn = self.pool.get().await?;
+            Ok::<T, BrokerError>(op(conn).await?)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| BrokerError::Timeout(timeout))?
+    }
+
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        let _: String = self
+            .with_conn(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<u64>, BrokerError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.publish.prepare_invoke();
+        call.key(&self.keys.counter)
+            .key(&self.keys.epoch)
+            .key(&self.keys.clock);
+        for entry in entries {
+            call.key(self.keys.stream(&entry.channel));
+        }
+        call.arg(self.config.history_max_len)
+            .arg(self.config.history_ttl.as_millis() as u64)
+            .arg(self.config.clock_bucket_secs())
+            .arg(CLOCK_KEEP);
+        for entry in entries {
+            call.arg(self.keys.live(&entry.channel))
+                .arg(&entry.body[..]);
+        }
+        let seqs: Vec<u64> = self
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        if seqs.len() != entries.len() {
+            return Err(BrokerError::Protocol(format!(
+                "publish returned {} ids for {} events",
+                seqs.len(),
+                entries.len()
+            )));
+        }
+        Ok(seqs)
+    }
+
+    pub async fn position(&self) -> Result<Position, BrokerError> {
+        let mut call = self.position.prepare_invoke();
+        call.key(&self.keys.counter)
+            .key(&self.keys.epoch)
+            .key(&self.keys.clock)
+            .arg(self.config.clock_bucket_secs());
+        let (epoch, seq): (u64, u64) = self
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        Ok(Position { epoch, seq })
+    }
+
+    pub async fn history(
+        &self,
+        requests: &[(Channel, u64)],
+        upto: u64,
+        limit: usize,
+    ) -> Result<Vec<ChannelPage>, BrokerError> {
+        if requests.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.history.prepare_invoke();
+        call.key(&self.keys.clock);
+        for (channel, _) in requests {
+            call.key(self.keys.stream(channel));
+        }
+        call.arg(upto)
+            .arg(limit)
+            .arg(self.config.history_ttl.as_secs().max(1))
+            .arg(self.config.clock_bucket_secs());
+        for (_, after) in requests {
+            call.arg(*after);
+        }
+        let reply: Value = self
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        let pages = reply::array(reply)?;
+        if pages.len() != requests.len() {
+            return Err(BrokerError::Protocol(
+                "history returned the wrong number of pages".into(),
+            ));
+        }
+        pages
+            .into_iter()
+            .zip(requests)
+            .map(|(page, (channel, _))| parse_page(page, channel))
+            .collect()
+    }
+
+    /// Opens this replica's pub/sub connection, subscribed to its marker channel.
+    pub async fn connect_live(
+        &self,
+        replica: &str,
+    ) -> Result<(RedisLiveSink, RedisLiveStream), BrokerError> {
+        live::connect(
+            &self.client,
+            self.keys.clone(),
+            replica,
+            self.config.redis_timeout,
+        )
+        .await
+    }
+
+    /// Asks Redis to publish the counter on this replica's marker channel. Returns whether a
+    /// subscriber received it: `false` means the replica's pub/sub connection is gone.
+    pub async fn request_marker(&self, replica: &str) -> Result<bool, BrokerError> {
+        let mut call = self.marker.prepare_invoke();
+        call.key(&self.keys.counter).arg(self.keys.marker(replica));
+        let receivers: u64 = self
+            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .await?;
+        Ok(receivers > 0)
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.config.redis_timeout
+    }
+}
+
+fn parse_page(page: Value, channel: &Channel) -> Result<ChannelPage, BrokerError> {
+    let mut fields = reply::array(page)?.into_iter();
+    let exists = reply::int(fields.next())? == 1;
+    let recent = reply::int(fields.next())? == 1;
+    if !exists {
+        return Ok(ChannelPage {
+            facts: StreamFacts::Missing,
+            recent,
+            events: Vec::new(),
+        });
+    }
+    let added = reply::int(fields.next())?;
+    let length = reply::int(fields.next())?;
+    let first = reply::text(fields.next())?;
+    let first = if first.is_empty() {
+        None
+    } else {
+        Some(reply::entry_seq(&first)?)
+    };
+    let max_deleted = reply::entry_seq(&reply::text(fields.next())?)?;
+    let removed = if added > length {
+        Removed::BelowFirst { max_deleted }
+    } else {
+        Removed::Nothing
+    };
+    let events = reply::array(fields.next().unwrap_or(Value::Nil))?
+        .into_iter()
+        .map(|entry| parse_entry(entry, channel))
+        .collect::<Result<_, _>>()?;
+    Ok(ChannelPage {
+        facts: StreamFacts::Present { first, removed },
+        recent,
+        events,
+    })
+}
+
+fn parse_entry(entry: Value, channel: &Channel) -> Result<Event, BrokerError> {
+    let mut parts = reply::array(entry)?.into_iter();
+    let seq = reply::entry_seq(&reply::text(parts.next())?)?;
+    let mut fields = reply::array(parts.next().unwrap_or(Value::Nil))?.into_iter();
+    while let Some(name) = fields.next() {
+        let value = fields.next();
+        if reply::bytes(Some(name))? == b"p" {
+            return Ok(Event {
+                seq,
+                channel: channel.clone(),
+                body: Bytes::from(reply::bytes(value)?),
+            });
+        }
+    }
+    Err(BrokerError::Protocol(format!(
+        "stream entry {seq} has no body"
+    )))
+}

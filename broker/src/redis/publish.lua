@@ -1,0 +1,54 @@
+-- Appends events to their channels' streams and publishes them live, in one atomic step, each
+-- under the next value of the broker's single counter (docs/resume.md).
+--
+-- KEYS[1] counter, KEYS[2] epoch, KEYS[3] clock, KEYS[3 + i] stream of entry i
+-- ARGV[1] max stream length, ARGV[2] stream TTL in ms, ARGV[3] clock bucket in seconds,
+-- ARGV[4] clock checkpoints kept, ARGV[3 + 2i] pub/sub channel of entry i, ARGV[4 + 2i] its body
+-- Returns the seq of every entry, in order.
+local counter, epoch, clock = KEYS[1], KEYS[2], KEYS[3]
+local max_len, ttl = ARGV[1], ARGV[2]
+local bucket, keep = tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = redis.call('TIME')
+local now_s = tonumber(now[1])
+
+local function id(n) return string.format('%d', n) end
+
+local seq = redis.call('INCR', counter)
+if seq == 1 then
+  -- No counter: a new Redis or one that lost its data. Seed from the wall clock (ms * 1000) so
+  -- ids never repeat ones handed out before the loss, and start a new epoch.
+  local seed = (now_s * 1000 + math.floor(tonumber(now[2]) / 1000)) * 1000
+  seq = seed + 1
+  redis.call('SET', counter, id(seq))
+  redis.call('SET', epoch, id(seed))
+  redis.call('DEL', clock)
+end
+
+-- Clock checkpoint: every seq from here on was handed out at or after this bucket's start.
+if redis.call('ZADD', clock, 'NX', id(seq), id(math.floor(now_s / bucket))) == 1 then
+  redis.call('ZREMRANGEBYRANK', clock, 0, -(keep + 1))
+end
+
+local seqs = {}
+for i = 1, #KEYS - 3 do
+  if i > 1 then seq = redis.call('INCR', counter) end
+  local stream, body = KEYS[3 + i], ARGV[4 + 2 * i]
+  local added = redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, id(seq) .. '-0', 'p', body)
+  if type(added) == 'table' and added.err then
+    -- The stream is ahead of the counter (the counter was deleted or edited by hand). Move the
+    -- counter past the stream instead of failing half-way through the batch.
+    local info = redis.call('XINFO', 'STREAM', stream)
+    for j = 1, #info, 2 do
+      if info[j] == 'last-generated-id' then
+        local top = tonumber(string.match(info[j + 1], '^(%d+)'))
+        if top >= seq then redis.call('SET', counter, id(top)) end
+      end
+    end
+    seq = redis.call('INCR', counter)
+    redis.call('XADD', stream, 'MAXLEN', '~', max_len, id(seq) .. '-0', 'p', body)
+  end
+  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PUBLISH', ARGV[3 + 2 * i], id(seq) .. ' ' .. body)
+  seqs[i] = seq
+end
+return seqs

@@ -1,0 +1,67 @@
+//! Gateway settings.
+
+use std::{net::SocketAddr, time::Duration};
+
+use eventgate_broker::config::parse_duration;
+
+/// Gateway settings. Every field is an environment variable and a command-line flag.
+#[derive(clap::Args, Clone, Debug)]
+pub struct GatewayConfig {
+    /// Address the gateway listens on.
+    #[arg(long, env = "GATEWAY_ADDR", default_value = "0.0.0.0:8080")]
+    pub gateway_addr: SocketAddr,
+
+    /// Name of this replica in `/v1/stats` and logs; defaults to `HOSTNAME`, else a random id.
+    #[arg(long, env = "REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// A `: ping` comment is sent this often on idle streams, so proxies keep them open.
+    #[arg(long, env = "HEARTBEAT_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// Reconnect delay suggested to browsers (`retry:`); each stream adds up to 50% jitter.
+    #[arg(long, env = "SSE_RETRY", default_value = "2s", value_parser = parse_duration)]
+    pub sse_retry: Duration,
+
+    /// Events queued per client before it counts as slow and is disconnected.
+    #[arg(long, env = "CLIENT_QUEUE_SIZE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub client_queue_size: u32,
+
+    /// Channels one connection may subscribe to.
+    #[arg(long, env = "MAX_CHANNELS_PER_CONNECTION", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_channels_per_connection: u32,
+
+    /// History entries read per channel per round trip when replaying.
+    #[arg(long, env = "REPLAY_PAGE_SIZE", default_value_t = 500,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub replay_page_size: u32,
+
+    /// After SIGTERM, streams end at once; the server stops at the latest after this
+    /// (`SHUTDOWN_TIMEOUT`, set by the binary for both services).
+    #[arg(skip = Duration::from_secs(10))]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            gateway_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            replica_id: None,
+            heartbeat_interval: Duration::from_secs(15),
+            sse_retry: Duration::from_secs(2),
+            client_queue_size: 1024,
+            max_channels_per_connection: 64,
+            replay_page_size: 500,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// How often the replica asks Redis for a position marker (see `live`).
+    pub(crate) fn marker_interval(&self) -> Duration {
+        self.heartbeat_interval.min(Duration::from_secs(5))
+    }
+}

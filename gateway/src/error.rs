@@ -1,0 +1,68 @@
+//! The gateway's HTTP errors: one type, one place that renders `{"error":{"code","message"}}`.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use eventgate_broker::BrokerError;
+use serde_json::json;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is wrong; `code` is stable and documented.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("no route for this path")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Redis is unreachable or too slow; clients retry.
+    #[error("event broker unavailable")]
+    Unavailable(#[source] Option<BrokerError>),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+}
+
+impl ApiError {
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        ApiError::Unavailable(Some(e))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Unavailable(Some(cause)) = &self {
+            tracing::warn!(error = %cause, "answering 503");
+        }
+        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

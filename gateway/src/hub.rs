@@ -1,0 +1,376 @@
+//! The hub: which local clients want which channel, and one bounded queue per client.
+//!
+//! The live task hands every event to [`Hub::dispatch`] once, in `seq` order; the hub pushes
+//! the same `Arc<Frame>` into each subscriber's queue. A queue that is full marks its client
+//! slow: the queue is emptied at once (memory is released even if the socket is stuck), the
+//! client is removed, and its writer ends the stream so the browser resumes from its last id.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use eventgate_broker::{Channel, GapReason};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{frame::Frame, live::LiveCommand};
+
+/// Something for one client's writer.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    Event(Arc<Frame>),
+    /// Everything up to this seq on the client's channels is already in its queue.
+    Position(u64),
+    Reset(Arc<ResetNotice>),
+}
+
+/// History is incomplete for some channels.
+#[derive(Debug)]
+pub struct ResetNotice {
+    /// `None`: all of the client's channels.
+    pub channels: Option<Vec<Channel>>,
+    pub reason: GapReason,
+    /// A new position the client must take (after data loss), if any.
+    pub position: Option<u64>,
+}
+
+/// Why a client's queue was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client did not keep up and its queue filled.
+    Slow,
+}
+
+/// A client's bounded queue: the hub pushes, the client's writer takes everything at once.
+///
+/// Not `tokio::sync::mpsc` because a full queue must be emptied by the *sender* side, right
+/// away, and tell the receiver why it ended.
+pub struct ClientQueue {
+    state: Mutex<QueueState>,
+    notify: Notify,
+    capacity: usize,
+}
+
+struct QueueState {
+    items: VecDeque<Delivery>,
+    closed: Option<CloseReason>,
+}
+
+impl ClientQueue {
+    fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                closed: None,
+            }),
+            notify: Notify::new(),
+            capacity,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `item`; `false` when the queue was full (it is now closed as slow) or closed.
+    fn push(&self, item: Delivery) -> bool {
+        let mut state = self.lock();
+        if state.closed.is_some() {
+            return false;
+        }
+        if state.items.len() >= self.capacity {
+            state.items = VecDeque::new();
+            state.closed = Some(CloseReason::Slow);
+            drop(state);
+            self.notify.notify_one();
+            return false;
+        }
+        state.items.push_back(item);
+        drop(state);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Waits for deliveries and moves all of them into `out` (which must be empty), or
+    /// returns why the queue closed.
+    pub async fn recv(&self, out: &mut VecDeque<Delivery>) -> Result<(), CloseReason> {
+        loop {
+            {
+                let mut state = self.lock();
+                if let Some(reason) = state.closed {
+                    return Err(reason);
+                }
+                if !state.items.is_empty() {
+                    std::mem::swap(&mut state.items, out);
+                    return Ok(());
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Replica-wide counters for `/v1/stats`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections_open: AtomicU64,
+    pub connections_total: AtomicU64,
+    pub events_received: AtomicU64,
+    pub events_delivered: AtomicU64,
+    pub events_replayed: AtomicU64,
+    pub events_backfilled: AtomicU64,
+    pub slow_clients_dropped: AtomicU64,
+    pub resets_sent: AtomicU64,
+    pub live_reconnects: AtomicU64,
+    pub malformed_messages: AtomicU64,
+}
+
+impl Stats {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+struct Member {
+    client: u64,
+    queue: Arc<ClientQueue>,
+}
+
+struct ClientEntry {
+    queue: Arc<ClientQueue>,
+    channels: Vec<Channel>,
+}
+
+#[derive(Default)]
+struct HubState {
+    channels: HashMap<Channel, Vec<Member>>,
+    clients: HashMap<u64, ClientEntry>,
+    next_client: u64,
+}
+
+/// Local fan-out: channel → subscribers. Locks are never held across an `.await`.
+pub struct Hub {
+    state: Mutex<HubState>,
+    queue_capacity: usize,
+    live: mpsc::UnboundedSender<LiveCommand>,
+    pub stats: Arc<Stats>,
+}
+
+impl Hub {
+    pub fn new(
+        queue_capacity: usize,
+        live: mpsc::UnboundedSender<LiveCommand>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self {
+            state: Mutex::new(HubState::default()),
+            queue_capacity,
+            live,
+            stats,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a client with `channels`; events on them start queueing at once.
+    pub fn register(&self, channels: &[Channel]) -> (u64, Arc<ClientQueue>) {
+        let queue = Arc::new(ClientQueue::new(self.queue_capacity));
+        let mut state = self.lock();
+        let id = state.next_client;
+        state.next_client += 1;
+        for channel in channels {
+            state
+                .channels
+                .entry(channel.clone())
+                .or_default()
+                .push(Member {
+                    client: id,
+                    queue: queue.clone(),
+                });
+        }
+        state.clients.insert(
+            id,
+            ClientEntry {
+                queue: queue.clone(),
+                channels: channels.to_vec(),
+            },
+        );
+        (id, queue)
+    }
+
+    /// Removes a client. Channels nobody here wants any more are released to the live task,
+    /// under the lock, so a release is always ordered before a later client's ensure.
+    pub fn unregister(&self, client: u64) {
+        let mut state = self.lock();
+        self.remove_locked(&mut state, client);
+    }
+
+    fn remove_locked(&self, state: &mut HubState, client: u64) {
+        let Some(entry) = state.clients.remove(&client) else {
+            return;
+        };
+        let mut released = Vec::new();
+        for channel in entry.channels {
+            if let Some(members) = state.channels.get_mut(&channel) {
+                members.retain(|m| m.client != client);
+                if members.is_empty() {
+                    state.channels.remove(&channel);
+                    released.push(channel);
+                }
+            }
+        }
+        if !released.is_empty() {
+            let _ = self.live.send(LiveCommand::Release(released));
+        }
+    }
+
+    /// Hands one event to every local subscriber of its channel.
+    pub fn dispatch(&self, frame: Arc<Frame>) {
+        let mut state = self.lock();
+        let mut slow = Vec::new();
+        if let Some(members) = state.channels.get(&frame.channel) {
+            for member in members {
+                if !member.queue.push(Delivery::Event(frame.clone())) {
+                    slow.push(member.client);
+                }
+            }
+        }
+        self.drop_slow(&mut state, slow);
+    }
+
+    /// Sends a delivery to every subscriber of one channel.
+    pub fn dispatch_to(&self, channel: &Channel, delivery: Delivery) {
+        let mut state = self.lock();
+        let mut slow = Vec::new();
+        if let Some(members) = state.channels.get(channel) {
+            for member in members {
+                if !member.queue.push(delivery.clone()) {
+                    slow.push(member.client);
+                }
+            }
+        }
+        self.drop_slow(&mut state, slow);
+    }
+
+    /// Sends a delivery to every client.
+    pub fn broadcast(&self, delivery: Delivery) {
+        let mut state = self.lock();
+        let slow: Vec<u64> = state
+            .clients
+            .iter()
+            .filter(|(_, c)| !c.queue.push(delivery.clone()))
+            .map(|(&id, _)| id)
+            .collect();
+        self.drop_slow(&mut state, slow);
+    }
+
+    fn drop_slow(&self, state: &mut HubState, slow: Vec<u64>) {
+        for client in slow {
+            if state.clients.contains_key(&client) {
+                tracing::info!(client, reason = "slow", "client queue full, disconnecting");
+                Stats::add(&self.stats.slow_clients_dropped, 1);
+                self.remove_locked(state, client);
+            }
+        }
+    }
+
+    /// Channels with at least one local subscriber.
+    pub fn channels(&self) -> Vec<Channel> {
+        self.lock().channels.keys().cloned().collect()
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.lock().channels.len()
+    }
+
+    pub fn has_subscribers(&self, channel: &Channel) -> bool {
+        self.lock().channels.contains_key(channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn hub(capacity: usize) -> (Hub, mpsc::UnboundedReceiver<LiveCommand>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Hub::new(capacity, tx, Arc::default()), rx)
+    }
+
+    fn frame(seq: u64, channel: &Channel) -> Arc<Frame> {
+        Arc::new(Frame {
+            seq,
+            channel: channel.clone(),
+            sse: Bytes::from(format!("id: {seq}\n\n")),
+        })
+    }
+
+    #[tokio::test]
+    async fn every_subscriber_gets_the_same_frame_allocation() {
+        let (hub, _live) = hub(8);
+        let orders = Channel::parse("orders").unwrap();
+        let (_, a) = hub.register(std::slice::from_ref(&orders));
+        let (_, b) = hub.register(std::slice::from_ref(&orders));
+        let sent = frame(1, &orders);
+        hub.dispatch(sent.clone());
+        for queue in [a, b] {
+            let mut got = VecDeque::new();
+            queue.recv(&mut got).await.unwrap();
+            match got.pop_front() {
+                Some(Delivery::Event(f)) => assert!(Arc::ptr_eq(&f, &sent)),
+                other => panic!("expected the event, got {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_only_that_client_and_frees_its_backlog() {
+        let (hub, mut live) = hub(2);
+        let orders = Channel::parse("orders").unwrap();
+        let (_, slow) = hub.register(std::slice::from_ref(&orders));
+        let (_, fast) = hub.register(std::slice::from_ref(&orders));
+        let mut fast_got = Vec::new();
+        for seq in 1..=3 {
+            hub.dispatch(frame(seq, &orders));
+            let mut batch = VecDeque::new();
+            fast.recv(&mut batch).await.unwrap();
+            fast_got.extend(batch);
+        }
+        assert_eq!(fast_got.len(), 3);
+        let mut batch = VecDeque::new();
+        assert_eq!(slow.recv(&mut batch).await, Err(CloseReason::Slow));
+        assert!(batch.is_empty());
+        assert_eq!(hub.stats.slow_clients_dropped.load(Ordering::Relaxed), 1);
+        assert!(
+            hub.has_subscribers(&orders),
+            "the fast client still wants the channel"
+        );
+        assert!(
+            live.try_recv().is_err(),
+            "nothing released while a subscriber remains"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_last_subscriber_leaving_releases_the_channel() {
+        let (hub, mut live) = hub(2);
+        let orders = Channel::parse("orders").unwrap();
+        let (a, _) = hub.register(std::slice::from_ref(&orders));
+        let (b, _) = hub.register(std::slice::from_ref(&orders));
+        hub.unregister(a);
+        assert!(live.try_recv().is_err());
+        hub.unregister(b);
+        match live.try_recv() {
+            Ok(LiveCommand::Release(channels)) => assert_eq!(channels, vec![orders]),
+            other => panic!("expected a release, got {other:?}"),
+        }
+        assert_eq!(hub.channel_count(), 0);
+    }
+}

@@ -1,0 +1,192 @@
+//! The eventgate gateway: stateless replicas that push events to browsers over Server-Sent
+//! Events, with exact `Last-Event-ID` resume from the broker's history.
+//!
+//! - [`hub`]: local fan-out, one bounded queue per client;
+//! - [`live`]: the replica's one live connection to the broker, with backfill on reconnect;
+//! - [`session`]: opening a subscription in the order that makes resume exact;
+//! - [`sse`]: the `/v1/events` endpoint.
+
+pub mod config;
+pub mod error;
+pub mod frame;
+pub mod hub;
+pub mod live;
+pub mod session;
+pub mod sse;
+
+use std::{
+    io,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use eventgate_broker::Broker;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+pub use config::GatewayConfig;
+
+use crate::{
+    error::ApiError,
+    hub::{Hub, Stats},
+    live::{LiveHandle, LiveSettings},
+};
+
+/// Everything a gateway request handler needs.
+pub struct GatewayState {
+    pub config: GatewayConfig,
+    pub replica: String,
+    pub broker: Broker,
+    pub hub: Arc<Hub>,
+    pub live: LiveHandle,
+    pub stats: Arc<Stats>,
+    /// Cancelled on shutdown: streams end, readiness turns false.
+    pub shutdown: CancellationToken,
+    /// How long a request waits for the broker before answering 503.
+    pub broker_timeout: Duration,
+}
+
+/// A started gateway: its state and the background tasks it owns.
+pub struct Gateway {
+    pub state: Arc<GatewayState>,
+    tasks: JoinSet<()>,
+}
+
+impl Gateway {
+    /// Starts the hub and the live connection task. Nothing listens yet.
+    pub fn start(config: GatewayConfig, broker: Broker, shutdown: CancellationToken) -> Self {
+        let replica = config
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
+        let stats = Arc::new(Stats::default());
+        let (commands_tx, commands) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(
+            config.client_queue_size as usize,
+            commands_tx.clone(),
+            stats.clone(),
+        ));
+        let mut tasks = JoinSet::new();
+        let live = live::spawn(
+            hub.clone(),
+            broker.clone(),
+            commands,
+            commands_tx,
+            LiveSettings {
+                replica: replica.clone(),
+                marker_interval: config.marker_interval(),
+                replay_page: config.replay_page_size as usize,
+            },
+            &mut tasks,
+            shutdown.clone(),
+        );
+        let state = Arc::new(GatewayState {
+            broker_timeout: broker.timeout(),
+            config,
+            replica,
+            broker,
+            hub,
+            live,
+            stats,
+            shutdown,
+        });
+        Self { state, tasks }
+    }
+
+    /// Serves HTTP on `listener` until the shutdown token is cancelled, then ends every stream
+    /// and returns once connections are closed or `SHUTDOWN_TIMEOUT` has passed.
+    pub async fn serve(mut self, listener: TcpListener) -> io::Result<()> {
+        let shutdown = self.state.shutdown.clone();
+        let grace = self.state.config.shutdown_timeout;
+        let server = axum::serve(listener, app(self.state.clone()))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let result = tokio::select! {
+            result = server => result,
+            _ = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            } => {
+                tracing::warn!(?grace, "connections still open at the shutdown deadline");
+                Ok(())
+            }
+        };
+        self.tasks.shutdown().await;
+        result
+    }
+}
+
+/// Runs a gateway on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    config: GatewayConfig,
+    broker: Broker,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    Gateway::start(config, broker, shutdown)
+        .serve(listener)
+        .await
+}
+
+/// The gateway's routes.
+pub fn app(state: Arc<GatewayState>) -> Router {
+    Router::new()
+        .route("/v1/events", get(sse::events))
+        .route("/v1/stats", get(stats))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready while the live connection is up and caught up, and not shutting down.
+async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
+    let reason = if state.shutdown.is_cancelled() {
+        Some("shutting_down")
+    } else if !state.live.is_ready() {
+        Some("broker_unavailable")
+    } else {
+        None
+    };
+    match reason {
+        None => Json(json!({"status": "ready"})).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+async fn stats(State(state): State<Arc<GatewayState>>) -> Json<serde_json::Value> {
+    let s = &state.stats;
+    let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    Json(json!({
+        "replica": state.replica,
+        "broker": state.broker.kind(),
+        "ready": state.live.is_ready(),
+        "connections": get(&s.connections_open),
+        "connections_total": get(&s.connections_total),
+        "channels": state.hub.channel_count(),
+        "events_received": get(&s.events_received),
+        "events_delivered": get(&s.events_delivered),
+        "events_replayed": get(&s.events_replayed),
+        "events_backfilled": get(&s.events_backfilled),
+        "slow_clients_dropped": get(&s.slow_clients_dropped),
+        "resets_sent": get(&s.resets_sent),
+        "live_reconnects": get(&s.live_reconnects),
+        "malformed_messages": get(&s.malformed_messages),
+    }))
+}

@@ -1,0 +1,467 @@
+//! The replica's one live connection to the broker, and what keeps it exact.
+//!
+//! One task owns the connection. It subscribes a channel while some local client wants it
+//! (ensure/release commands from the hub and sessions, applied in order), hands each event to
+//! the hub once, and tracks the *watermark*: the highest seq it has seen. Because the broker
+//! delivers in seq order, everything up to the watermark on subscribed channels has arrived.
+//! When the connection drops it reconnects with backoff, resubscribes, and replays
+//! (watermark, counter] from history before going live again, so connected clients miss
+//! nothing. Every few seconds it asks for a marker (the counter, published on the replica's
+//! own channel): the marker advances the watermark on quiet replicas, moves clients' positions
+//! forward, and proves the subscription is still alive.
+
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use eventgate_broker::{
+    Broker, BrokerError, Channel, Event, GapReason, LiveMessage, LiveSink, LiveStream, Position,
+    Replay, ReplayItem,
+};
+use futures::{FutureExt, StreamExt, future::BoxFuture};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    task::JoinSet,
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    frame::Frame,
+    hub::{Delivery, Hub, ResetNotice, Stats},
+};
+
+/// Requests to the live task.
+#[derive(Debug)]
+pub enum LiveCommand {
+    /// Make sure these channels are subscribed; answer once they are.
+    Ensure(Vec<Channel>, EnsureReply),
+    /// Nobody local wants these channels any more.
+    Release(Vec<Channel>),
+}
+
+/// Where the live task answers an ensure.
+pub type EnsureReply = oneshot::Sender<Result<(), LiveUnavailable>>;
+
+/// The live connection is down; the gateway answers 503.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the live connection to the broker is down")]
+pub struct LiveUnavailable;
+
+/// What sessions use to talk to the live task.
+#[derive(Clone)]
+pub struct LiveHandle {
+    commands: mpsc::UnboundedSender<LiveCommand>,
+    ready: watch::Receiver<bool>,
+}
+
+impl LiveHandle {
+    /// Waits until `channels` are subscribed, at most `timeout`.
+    pub async fn ensure(
+        &self,
+        channels: Vec<Channel>,
+        timeout: Duration,
+    ) -> Result<(), LiveUnavailable> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(LiveCommand::Ensure(channels, reply))
+            .map_err(|_| LiveUnavailable)?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            _ => Err(LiveUnavailable),
+        }
+    }
+
+    /// Connected, subscribed and caught up.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Resolves when the live connection is ready (tests and start-up).
+    pub async fn wait_ready(&self) {
+        let mut ready = self.ready.clone();
+        let _ = ready.wait_for(|r| *r).await;
+    }
+}
+
+/// Settings of the live task.
+pub struct LiveSettings {
+    pub replica: String,
+    pub marker_interval: Duration,
+    pub replay_page: usize,
+}
+
+/// Starts the live task; it runs until `shutdown`.
+pub fn spawn(
+    hub: Arc<Hub>,
+    broker: Broker,
+    commands: mpsc::UnboundedReceiver<LiveCommand>,
+    commands_tx: mpsc::UnboundedSender<LiveCommand>,
+    settings: LiveSettings,
+    tasks: &mut JoinSet<()>,
+    shutdown: CancellationToken,
+) -> LiveHandle {
+    let (ready_tx, ready) = watch::channel(false);
+    let task = LiveTask {
+        stats: hub.stats.clone(),
+        hub,
+        broker,
+        commands,
+        ready: ready_tx,
+        settings,
+        shutdown,
+        watermark: None,
+    };
+    tasks.spawn(task.run());
+    LiveHandle {
+        commands: commands_tx,
+        ready,
+    }
+}
+
+struct LiveTask {
+    hub: Arc<Hub>,
+    stats: Arc<Stats>,
+    broker: Broker,
+    commands: mpsc::UnboundedReceiver<LiveCommand>,
+    ready: watch::Sender<bool>,
+    settings: LiveSettings,
+    shutdown: CancellationToken,
+    /// Epoch and highest seq seen on the live connection.
+    watermark: Option<Position>,
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+enum Ended {
+    #[error("shutting down")]
+    Shutdown,
+    #[error("connection lost")]
+    Lost,
+    #[error("{0}")]
+    Broker(#[from] BrokerError),
+    #[error("{0}")]
+    Stale(&'static str),
+}
+
+enum Op {
+    Subscribe(Vec<Channel>),
+    Unsubscribe(Vec<Channel>),
+}
+
+type OpFuture = BoxFuture<'static, (Op, Result<(), BrokerError>)>;
+
+/// Subscription state of one connection.
+struct Subscriptions {
+    confirmed: HashSet<Channel>,
+    pending: HashSet<Channel>,
+    waiters: Vec<(Vec<Channel>, EnsureReply)>,
+    queue: VecDeque<Op>,
+    inflight: Option<OpFuture>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+impl LiveTask {
+    async fn run(mut self) {
+        let mut backoff = BACKOFF_MIN;
+        loop {
+            let ended = match self.connect().await {
+                Ok((sink, stream, subs)) => {
+                    backoff = BACKOFF_MIN;
+                    self.serve(sink, stream, subs).await
+                }
+                Err(e) => e,
+            };
+            self.ready.send_replace(false);
+            if matches!(ended, Ended::Shutdown) || self.shutdown.is_cancelled() {
+                return;
+            }
+            tracing::warn!(error = %ended, retry_in = ?backoff, "live connection down");
+            Stats::add(&self.stats.live_reconnects, 1);
+            if !self.wait_offline(backoff).await {
+                return;
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Sleeps `delay`, refusing ensures meanwhile. `false` on shutdown.
+    async fn wait_offline(&mut self, delay: Duration) -> bool {
+        let jitter = rand::random_range(0..=delay.as_millis() as u64 / 4);
+        let until = tokio::time::sleep(delay + Duration::from_millis(jitter));
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = &mut until => return true,
+                Some(command) = self.commands.recv() => {
+                    if let LiveCommand::Ensure(_, reply) = command {
+                        let _ = reply.send(Err(LiveUnavailable));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Connects, subscribes every channel the hub has, and catches up from history.
+    async fn connect(&mut self) -> Result<(LiveSink, LiveStream, Subscriptions), Ended> {
+        let (mut sink, stream) = self.broker.connect_live(&self.settings.replica).await?;
+        let channels = self.hub.channels();
+        for chunk in channels.chunks(1024) {
+            sink.subscribe(chunk).await?;
+        }
+        let position = self.broker.position().await?;
+        match self.watermark {
+            Some(seen) if seen.epoch != position.epoch || position.seq < seen.seq => {
+                tracing::warn!(
+                    seen = seen.seq,
+                    now = position.seq,
+                    "the broker lost its data; resetting every client"
+                );
+                self.hub.broadcast(Delivery::Reset(Arc::new(ResetNotice {
+                    channels: None,
+                    reason: GapReason::DataLost,
+                    position: Some(position.seq),
+                })));
+                Stats::add(&self.stats.resets_sent, 1);
+            }
+            Some(seen) if seen.seq < position.seq => {
+                self.backfill(channels.iter().cloned(), seen.seq, position.seq)
+                    .await?;
+            }
+            _ => {}
+        }
+        self.watermark = Some(position);
+        self.ready.send_replace(true);
+        tracing::info!(
+            channels = channels.len(),
+            seq = position.seq,
+            "live connection ready"
+        );
+        let subs = Subscriptions {
+            confirmed: channels.into_iter().collect(),
+            pending: HashSet::new(),
+            waiters: Vec::new(),
+            queue: VecDeque::new(),
+            inflight: None,
+        };
+        Ok((sink, stream, subs))
+    }
+
+    /// Replays (after, upto] of `channels` into the hub, in seq order.
+    async fn backfill(
+        &mut self,
+        channels: impl IntoIterator<Item = Channel>,
+        after: u64,
+        upto: u64,
+    ) -> Result<(), BrokerError> {
+        let mut replay = Replay::new(
+            self.broker.clone(),
+            channels,
+            after,
+            upto,
+            self.settings.replay_page,
+        );
+        let mut count = 0;
+        while let Some(item) = replay.next().await? {
+            match item {
+                ReplayItem::Event(event) => {
+                    count += 1;
+                    self.dispatch(&event);
+                }
+                ReplayItem::Gap(channel, reason) => {
+                    Stats::add(&self.stats.resets_sent, 1);
+                    let notice = ResetNotice {
+                        channels: Some(vec![channel.clone()]),
+                        reason,
+                        position: None,
+                    };
+                    self.hub
+                        .dispatch_to(&channel, Delivery::Reset(Arc::new(notice)));
+                }
+            }
+        }
+        self.hub.broadcast(Delivery::Position(upto));
+        Stats::add(&self.stats.events_backfilled, count);
+        tracing::info!(after, upto, events = count, "backfilled after reconnecting");
+        Ok(())
+    }
+
+    fn dispatch(&self, event: &Event) {
+        match Frame::build(event) {
+            Ok(frame) => self.hub.dispatch(Arc::new(frame)),
+            Err(e) => {
+                Stats::add(&self.stats.malformed_messages, 1);
+                tracing::warn!(seq = event.seq, channel = %event.channel, error = %e, "skipping malformed event");
+            }
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        sink: LiveSink,
+        mut stream: LiveStream,
+        mut subs: Subscriptions,
+    ) -> Ended {
+        let mut markers: JoinSet<Result<bool, BrokerError>> = JoinSet::new();
+        let mut tick = tokio::time::interval(self.settings.marker_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_marker = Instant::now();
+        let ended = loop {
+            if subs.inflight.is_none()
+                && let Some(op) = subs.queue.pop_front()
+            {
+                subs.inflight = Some(start(sink.clone(), op));
+            }
+            let inflight = async {
+                match subs.inflight.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break Ended::Shutdown,
+                message = stream.next() => match message {
+                    None => break Ended::Lost,
+                    Some(message) => {
+                        if let Err(e) = self.on_message(message, &mut last_marker) {
+                            break e;
+                        }
+                    }
+                },
+                Some(command) = self.commands.recv() => self.on_command(command, &mut subs),
+                (op, result) = inflight => {
+                    subs.inflight = None;
+                    if let Err(e) = result {
+                        break Ended::Broker(e);
+                    }
+                    self.on_done(op, &mut subs);
+                }
+                _ = tick.tick() => {
+                    if last_marker.elapsed() > self.settings.marker_interval * 3 {
+                        break Ended::Stale("no marker came back");
+                    }
+                    let broker = self.broker.clone();
+                    let replica = self.settings.replica.clone();
+                    markers.spawn(async move { broker.request_marker(&replica).await });
+                }
+                Some(Ok(result)) = markers.join_next() => match result {
+                    Ok(true) => {}
+                    Ok(false) => break Ended::Stale("marker had no receiver"),
+                    Err(e) => tracing::debug!(error = %e, "marker request failed"),
+                },
+            }
+        };
+        for (_, waiter) in subs.waiters.drain(..) {
+            let _ = waiter.send(Err(LiveUnavailable));
+        }
+        ended
+    }
+
+    fn on_message(&mut self, message: LiveMessage, last_marker: &mut Instant) -> Result<(), Ended> {
+        let Some(watermark) = self.watermark.as_mut() else {
+            return Ok(());
+        };
+        match message {
+            LiveMessage::Event(event) => {
+                // At or below the watermark: already delivered by the backfill.
+                if event.seq > watermark.seq {
+                    watermark.seq = event.seq;
+                    Stats::add(&self.stats.events_received, 1);
+                    self.dispatch(&event);
+                }
+            }
+            LiveMessage::Marker(seq) => {
+                *last_marker = Instant::now();
+                if seq < watermark.seq {
+                    return Err(Ended::Stale("the broker's counter went backwards"));
+                }
+                watermark.seq = seq;
+                self.hub.broadcast(Delivery::Position(seq));
+            }
+            LiveMessage::Malformed(what) => {
+                Stats::add(&self.stats.malformed_messages, 1);
+                tracing::warn!(%what, "skipping malformed live message");
+            }
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, command: LiveCommand, subs: &mut Subscriptions) {
+        match command {
+            LiveCommand::Ensure(channels, reply) => {
+                let missing: Vec<Channel> = channels
+                    .into_iter()
+                    .filter(|c| !subs.confirmed.contains(c))
+                    .collect();
+                if missing.is_empty() {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let new: Vec<Channel> = missing
+                    .iter()
+                    .filter(|c| subs.pending.insert((*c).clone()))
+                    .cloned()
+                    .collect();
+                if !new.is_empty() {
+                    match subs.queue.back_mut() {
+                        Some(Op::Subscribe(batch)) => batch.extend(new),
+                        _ => subs.queue.push_back(Op::Subscribe(new)),
+                    }
+                }
+                subs.waiters.push((missing, reply));
+            }
+            LiveCommand::Release(channels) => {
+                let gone: Vec<Channel> = channels
+                    .into_iter()
+                    .filter(|c| !self.hub.has_subscribers(c) && subs.confirmed.remove(c))
+                    .collect();
+                if !gone.is_empty() {
+                    subs.queue.push_back(Op::Unsubscribe(gone));
+                }
+            }
+        }
+    }
+
+    fn on_done(&mut self, op: Op, subs: &mut Subscriptions) {
+        let Op::Subscribe(channels) = op else {
+            return;
+        };
+        let mut unwanted = Vec::new();
+        for channel in channels {
+            subs.pending.remove(&channel);
+            if !self.hub.has_subscribers(&channel) {
+                unwanted.push(channel.clone());
+            } else {
+                subs.confirmed.insert(channel);
+            }
+        }
+        if !unwanted.is_empty() {
+            subs.queue.push_back(Op::Unsubscribe(unwanted));
+        }
+        let confirmed = &subs.confirmed;
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut subs.waiters)
+            .into_iter()
+            .filter(|(_, reply)| !reply.is_closed())
+            .partition(|(channels, _)| channels.iter().all(|c| confirmed.contains(c)));
+        subs.waiters = waiting;
+        for (_, reply) in done {
+            let _ = reply.send(Ok(()));
+        }
+    }
+}
+
+fn start(mut sink: LiveSink, op: Op) -> OpFuture {
+    async move {
+        let result = match &op {
+            Op::Subscribe(channels) => sink.subscribe(channels).await,
+            Op::Unsubscribe(channels) => sink.unsubscribe(channels).await,
+        };
+        (op, result)
+    }
+    .boxed()
+}

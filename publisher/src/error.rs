@@ -1,0 +1,74 @@
+//! The publisher's HTTP errors: one type, one place that renders `{"error":{"code","message"}}`.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use eventgate_broker::BrokerError;
+use serde_json::json;
+
+/// An error answered to a publishing backend. Nothing of a request that fails is published.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The request is wrong; `code` is stable and documented.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// The body or an event is over a size limit.
+    #[error("{message}")]
+    TooLarge { code: &'static str, message: String },
+    #[error("send the request as JSON with Content-Type: application/json")]
+    UnsupportedMediaType,
+    #[error("no route for this path")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// Redis is unreachable or too slow; nothing was published, retry.
+    #[error("event broker unavailable; nothing was published, retry")]
+    Unavailable(#[source] BrokerError),
+}
+
+impl ApiError {
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::Invalid { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::TooLarge { code, .. } => (StatusCode::PAYLOAD_TOO_LARGE, code),
+            ApiError::UnsupportedMediaType => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        ApiError::Unavailable(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Unavailable(cause) = &self {
+            tracing::warn!(error = %cause, "publish failed: broker unavailable");
+        }
+        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

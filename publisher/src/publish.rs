@@ -1,0 +1,289 @@
+//! `POST /v1/publish`: validate everything, then write it all in one atomic broker call.
+
+use std::{sync::Arc, time::SystemTime};
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+};
+use eventgate_broker::{
+    Channel, Outgoing,
+    event::{check_event_name, compact_json, encode_body, format_timestamp},
+};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+
+use crate::{PublisherConfig, PublisherState, error::ApiError};
+
+/// One event as a request gives it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventSpec<'a> {
+    channel: Option<String>,
+    channels: Option<Vec<String>>,
+    event: Option<String>,
+    /// `Some` whenever the field is present, `null` included.
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+}
+
+/// The request: one event inline, or `events`. (Not `#[serde(flatten)]`: it cannot hold raw
+/// values or refuse unknown fields.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest<'a> {
+    channel: Option<String>,
+    channels: Option<Vec<String>>,
+    event: Option<String>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+    #[serde(borrow)]
+    events: Option<Vec<EventSpec<'a>>>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Serialize, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub channel: Channel,
+    pub id: String,
+}
+
+#[derive(Serialize)]
+pub struct PublishResponse {
+    pub published: Vec<Published>,
+}
+
+pub async fn publish(
+    State(state): State<Arc<PublisherState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+    check_content_type(&headers)?;
+    let timestamp = format_timestamp(SystemTime::now());
+    let entries = parse(&body, &state.config, &timestamp)?;
+    let seqs = state.broker.publish(&entries).await?;
+    let published = entries
+        .into_iter()
+        .zip(seqs)
+        .map(|(entry, seq)| Published {
+            channel: entry.channel,
+            id: seq.to_string(),
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(PublishResponse { published })))
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType)
+    }
+}
+
+/// Parses and validates a request into the entries to publish, one per channel per event, in
+/// request order. Any problem refuses the whole request.
+pub fn parse(
+    body: &[u8],
+    config: &PublisherConfig,
+    timestamp: &str,
+) -> Result<Vec<Outgoing>, ApiError> {
+    let request: PublishRequest = serde_json::from_slice(body).map_err(|e| {
+        let code = if e.is_data() {
+            "invalid_request"
+        } else {
+            "invalid_json"
+        };
+        ApiError::invalid(code, format!("request body: {e}"))
+    })?;
+    let has_single = request.channel.is_some()
+        || request.channels.is_some()
+        || request.event.is_some()
+        || request.data.is_some();
+    let specs = match request.events {
+        Some(_) if has_single => {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                "send either one event (channel, event, data) or `events`, not both",
+            ));
+        }
+        Some(events) if events.is_empty() => {
+            return Err(ApiError::invalid("invalid_request", "`events` is empty"));
+        }
+        Some(events) if events.len() > config.max_batch_events as usize => {
+            return Err(ApiError::invalid(
+                "too_many_events",
+                format!(
+                    "{} events; the limit is {}",
+                    events.len(),
+                    config.max_batch_events
+                ),
+            ));
+        }
+        Some(events) => events,
+        None => vec![EventSpec {
+            channel: request.channel,
+            channels: request.channels,
+            event: request.event,
+            data: request.data,
+        }],
+    };
+    let batch = specs.len() > 1;
+    let mut entries = Vec::new();
+    for (index, spec) in specs.into_iter().enumerate() {
+        let at = |message: String| {
+            if batch {
+                format!("events[{index}]: {message}")
+            } else {
+                message
+            }
+        };
+        let channels = channels_of(&spec, config).map_err(|e| relabel(e, &at))?;
+        if let Some(name) = &spec.event {
+            check_event_name(name)
+                .map_err(|e| ApiError::invalid("invalid_event", at(e.to_string())))?;
+        }
+        let Some(data) = spec.data else {
+            return Err(ApiError::invalid(
+                "missing_data",
+                at("`data` is required (any JSON value)".into()),
+            ));
+        };
+        let compact = compact_json(data.get());
+        if compact.len() > config.max_event_bytes as usize {
+            return Err(ApiError::TooLarge {
+                code: "event_too_large",
+                message: at(format!(
+                    "`data` is {} bytes; the limit is {}",
+                    compact.len(),
+                    config.max_event_bytes
+                )),
+            });
+        }
+        // `compact` came from valid JSON and only lost insignificant whitespace.
+        let data = RawValue::from_string(compact.into_owned())
+            .map_err(|e| ApiError::invalid("invalid_json", at(e.to_string())))?;
+        let body = encode_body(spec.event.as_deref(), &data, timestamp);
+        entries.extend(channels.into_iter().map(|channel| Outgoing {
+            channel,
+            body: body.clone(),
+        }));
+    }
+    Ok(entries)
+}
+
+fn relabel(error: ApiError, at: &impl Fn(String) -> String) -> ApiError {
+    match error {
+        ApiError::Invalid { code, message } => ApiError::invalid(code, at(message)),
+        other => other,
+    }
+}
+
+fn channels_of(spec: &EventSpec<'_>, config: &PublisherConfig) -> Result<Vec<Channel>, ApiError> {
+    let names: Vec<&str> = match (&spec.channel, &spec.channels) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "invalid_request",
+                "give `channel` or `channels`, not both",
+            ));
+        }
+        (Some(one), None) => vec![one.as_str()],
+        (None, Some(many)) if many.is_empty() => {
+            return Err(ApiError::invalid("missing_channel", "`channels` is empty"));
+        }
+        (None, Some(many)) => many.iter().map(String::as_str).collect(),
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "missing_channel",
+                "`channel` or `channels` is required",
+            ));
+        }
+    };
+    if names.len() > config.max_channels_per_event as usize {
+        return Err(ApiError::invalid(
+            "too_many_channels",
+            format!(
+                "{} channels; the limit is {}",
+                names.len(),
+                config.max_channels_per_event
+            ),
+        ));
+    }
+    let mut channels: Vec<Channel> = Vec::with_capacity(names.len());
+    for name in names {
+        let channel = Channel::parse(name)
+            .map_err(|e| ApiError::invalid("invalid_channel", format!("channel {name:?}: {e}")))?;
+        if !channels.contains(&channel) {
+            channels.push(channel);
+        }
+    }
+    Ok(channels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(body: &str) -> Vec<Outgoing> {
+        parse(body.as_bytes(), &PublisherConfig::default(), "t").unwrap()
+    }
+
+    fn parse_err(body: &str) -> (&'static str, String) {
+        match parse(body.as_bytes(), &PublisherConfig::default(), "t") {
+            Err(ApiError::Invalid { code, message } | ApiError::TooLarge { code, message }) => {
+                (code, message)
+            }
+            Err(other) => panic!("unexpected error {other:?}"),
+            Ok(_) => panic!("{body} should be refused"),
+        }
+    }
+
+    #[test]
+    fn one_event_on_several_channels_shares_one_body() {
+        let entries = parse_ok(r#"{"channels":["a","b","a"],"event":"x","data":{"n": 1}}"#);
+        let names: Vec<&str> = entries.iter().map(|e| e.channel.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(entries[0].body, entries[1].body);
+        assert_eq!(
+            &entries[0].body[..],
+            br#"{"event":"x","data":{"n":1},"timestamp":"t"}"#
+        );
+    }
+
+    #[test]
+    fn null_data_is_data_and_missing_data_is_an_error() {
+        assert_eq!(parse_ok(r#"{"channel":"a","data":null}"#).len(), 1);
+        assert_eq!(parse_err(r#"{"channel":"a"}"#).0, "missing_data");
+    }
+
+    #[test]
+    fn batch_errors_name_the_event() {
+        let (code, message) =
+            parse_err(r#"{"events":[{"channel":"a","data":1},{"channel":"b c","data":2}]}"#);
+        assert_eq!(code, "invalid_channel");
+        assert!(message.starts_with("events[1]: "), "{message}");
+        assert_eq!(
+            parse_err(r#"{"events":[],"channel":"a"}"#).0,
+            "invalid_request"
+        );
+        assert_eq!(
+            parse_err(r#"{"channel":"a","data":1,"colour":"red"}"#).0,
+            "invalid_request"
+        );
+        assert_eq!(parse_err(r#"{"channel":"a","data":"#).0, "invalid_json");
+        assert_eq!(
+            parse_err(r#"{"channel":"a","event":"reset","data":1}"#).0,
+            "invalid_event"
+        );
+    }
+}
