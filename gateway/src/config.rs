@@ -23,10 +23,16 @@ pub struct GatewayConfig {
     #[arg(long, env = "SSE_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub sse_retry: Duration,
 
-    /// Events queued per client before it counts as slow and is disconnected.
-    #[arg(long, env = "CLIENT_QUEUE_SIZE", default_value_t = 1024,
+    /// Events queued per client before it counts as slow and is disconnected. Keep it above
+    /// your largest burst on one channel (a publish batch holds up to 1,000 events).
+    #[arg(long, env = "CLIENT_QUEUE_SIZE", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub client_queue_size: u32,
+
+    /// A connection whose socket accepts no bytes for this long is closed (a client that
+    /// stopped reading; its queue was already released when it fell behind).
+    #[arg(long, env = "WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
 
     /// Channels one connection may subscribe to.
     #[arg(long, env = "MAX_CHANNELS_PER_CONNECTION", default_value_t = 64,
@@ -51,7 +57,8 @@ impl Default for GatewayConfig {
             replica_id: None,
             heartbeat_interval: Duration::from_secs(15),
             sse_retry: Duration::from_secs(2),
-            client_queue_size: 1024,
+            client_queue_size: 4096,
+            write_timeout: Duration::from_secs(30),
             max_channels_per_connection: 64,
             replay_page_size: 500,
             shutdown_timeout: Duration::from_secs(10),

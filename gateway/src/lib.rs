@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod frame;
 pub mod hub;
+pub mod listener;
 pub mod live;
 pub mod session;
 pub mod sse;
@@ -106,6 +107,7 @@ impl Gateway {
     pub async fn serve(mut self, listener: TcpListener) -> io::Result<()> {
         let shutdown = self.state.shutdown.clone();
         let grace = self.state.config.shutdown_timeout;
+        let listener = listener::GatewayListener::new(listener, self.state.config.write_timeout);
         let server = axum::serve(listener, app(self.state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let result = tokio::select! {

@@ -1,0 +1,161 @@
+//! A real `redis-server` per test, on a free port, in its own directory.
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::process::{Child, Command};
+
+use super::wait_until;
+
+/// A `redis-server` child process. Killed when dropped.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    persistent: bool,
+    child: Option<Child>,
+}
+
+fn redis_binary() -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let path = PathBuf::from(dir).join("redis-server");
+        if path.exists() {
+            return path;
+        }
+    }
+    panic!(
+        "redis-server not found: the test suite needs it (Debian: apt-get install redis-server); \
+         run the suite with .ci/run, which installs it"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on 127.0.0.1")
+}
+
+impl RedisServer {
+    /// A Redis without persistence: a restart loses everything.
+    pub async fn start() -> Self {
+        Self::launch(false).await
+    }
+
+    /// A Redis with an fsync-always append-only file: a restart keeps every acknowledged write.
+    pub async fn start_persistent() -> Self {
+        Self::launch(true).await
+    }
+
+    async fn launch(persistent: bool) -> Self {
+        for _ in 0..20 {
+            let mut server = Self {
+                port: free_port(),
+                dir: tempfile::tempdir().expect("temp dir"),
+                persistent,
+                child: None,
+            };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    /// Starts the process on `self.port`; `false` if it did not come up.
+    async fn spawn(&mut self) -> bool {
+        let mut cmd = Command::new(redis_binary());
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
+            .args(["--loglevel", "warning", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path());
+        if self.persistent {
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let Ok(child) = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+        else {
+            return false;
+        };
+        self.child = Some(child);
+        let url = self.url();
+        let up = wait_until(Duration::from_secs(5), || {
+            let url = url.clone();
+            async move { ping(&url).await }
+        })
+        .await;
+        if !up {
+            self.kill().await;
+        }
+        up
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops Redis with SIGTERM (it writes its data when persistent) and waits for the exit.
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Some(pid) = child.id() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+        }
+    }
+
+    /// Kills Redis with SIGKILL.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts Redis again on the same port and directory.
+    pub async fn restart(&mut self) {
+        assert!(
+            self.spawn().await,
+            "redis-server did not come back on port {}",
+            self.port
+        );
+    }
+
+    /// A connection for assertions and fault injection.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+
+    /// Runs one command.
+    pub async fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        let mut conn = self.connection().await;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut conn).await.expect("redis command")
+    }
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
+}
