@@ -58,14 +58,16 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        let mut gateway = GatewayConfig::default();
-        gateway.shutdown_timeout = Duration::from_secs(3);
-        let mut publisher = PublisherConfig::default();
-        publisher.shutdown_timeout = Duration::from_secs(3);
         Self {
             broker: BrokerConfig::memory(),
-            gateway,
-            publisher,
+            gateway: GatewayConfig {
+                shutdown_timeout: Duration::from_secs(3),
+                ..GatewayConfig::default()
+            },
+            publisher: PublisherConfig {
+                shutdown_timeout: Duration::from_secs(3),
+                ..PublisherConfig::default()
+            },
             persistent_redis: false,
         }
     }
