@@ -1,5 +1,5 @@
 //! Shared test support: real Redis servers, real services on ephemeral ports, real clients.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod redis;
 pub mod sse;

@@ -1,0 +1,264 @@
+//! Redis-only behaviour: several replicas on one Redis, one pub/sub connection per replica, and
+//! what connected clients see when Redis or the pub/sub connection goes away.
+
+mod support;
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use reqwest::StatusCode;
+use serde_json::json;
+use support::*;
+
+async fn ids_of(client: &mut SseClient, n: usize) -> Vec<u64> {
+    let events = client.expect_events(n, SOON).await;
+    for event in &events {
+        assert_ne!(
+            event.event.as_deref(),
+            Some("reset"),
+            "unexpected reset: {:?}",
+            event.envelope
+        );
+    }
+    events.iter().map(|e| e.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_each_deliver_every_event_to_their_own_clients() {
+    let mut options = Options::default();
+    options.broker.redis_pool_size = 2;
+    let mut stack = Stack::start_with(Backend::Redis, options).await;
+    stack.add_gateway().await;
+
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let query = if i % 2 == 0 {
+            "channel=orders"
+        } else {
+            "channel=orders&channel=other"
+        };
+        clients.push(stack.subscribe_at(i % 2, query, None).await);
+    }
+    let mut expected = Vec::new();
+    for n in 0..10 {
+        expected.push(stack.publish_one("orders", json!(n)).await);
+    }
+    let batch: Vec<_> = (0..40)
+        .map(|n| json!({"channel": "orders", "data": n}))
+        .collect();
+    expected.extend(
+        stack
+            .publish(json!({"events": batch}))
+            .await
+            .into_iter()
+            .map(|(_, id)| id),
+    );
+    for client in &mut clients {
+        assert_eq!(ids_of(client, 50).await, expected);
+    }
+
+    let redis = stack.redis();
+    let numsub: (String, u64) = redis
+        .query(&["PUBSUB", "NUMSUB", "eventgate:live:orders"])
+        .await;
+    assert_eq!(numsub.1, 2, "one subscription per replica, not per client");
+    let pubsub_clients: String = redis.query(&["CLIENT", "LIST", "TYPE", "pubsub"]).await;
+    assert_eq!(
+        pubsub_clients.lines().count(),
+        2,
+        "one pub/sub connection per replica"
+    );
+    let all_clients: String = redis.query(&["CLIENT", "LIST"]).await;
+    // 2 pub/sub + at most 2 pooled per service (3 services) + this test's own connection.
+    assert!(
+        all_clients.lines().count() <= 2 + 3 * 2 + 1,
+        "40 SSE clients must not open Redis connections:\n{all_clients}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_is_unsubscribed_when_its_last_local_client_leaves() {
+    let stack = Stack::start(Backend::Redis).await;
+    let redis = stack.redis();
+    let a = stack.subscribe("channel=orders").await;
+    let b = stack.subscribe("channel=orders").await;
+    let _other = stack.subscribe("channel=other").await;
+    let channels = || async {
+        redis
+            .query::<Vec<String>>(&["PUBSUB", "CHANNELS", "eventgate:live:*"])
+            .await
+    };
+    let mut subscribed = channels().await;
+    subscribed.sort();
+    assert_eq!(
+        subscribed,
+        ["eventgate:live:orders", "eventgate:live:other"]
+    );
+
+    drop(a);
+    let still = channels().await;
+    assert!(
+        still.contains(&"eventgate:live:orders".to_owned()),
+        "one client remains"
+    );
+    drop(b);
+    let released = wait_until(SOON, || async {
+        channels().await == vec!["eventgate:live:other".to_owned()]
+    })
+    .await;
+    assert!(released, "orders is unsubscribed once nobody here wants it");
+
+    let mut again = stack.subscribe("channel=orders").await;
+    let id = stack.publish_one("orders", json!("again")).await;
+    assert_eq!(again.next_event(SOON).await.expect("event").id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_with_persistence_loses_nothing_for_connected_clients() {
+    let options = Options {
+        persistent_redis: true,
+        ..Options::default()
+    };
+    let mut stack = Stack::start_with(Backend::Redis, options).await;
+    let mut clients = vec![
+        stack.subscribe("channel=orders").await,
+        stack.subscribe("channel=orders&channel=other").await,
+    ];
+    let mut expected = Vec::new();
+    for n in 0..20 {
+        expected.push(stack.publish_one("orders", json!(n)).await);
+    }
+
+    stack.redis.as_mut().expect("redis").stop().await;
+    assert!(
+        wait_until(SOON, || async {
+            stack.readyz_status(0).await == StatusCode::SERVICE_UNAVAILABLE
+        })
+        .await,
+        "/readyz turns 503 while Redis is down"
+    );
+    let started = Instant::now();
+    let (status, body) = stack
+        .post_publish(r#"{"channel":"orders","data":1}"#, "application/json")
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the publisher fails fast"
+    );
+
+    stack.redis.as_mut().expect("redis").restart().await;
+    assert!(
+        stack.wait_ready(0, SOON).await,
+        "the gateway recovers by itself"
+    );
+    let deadline = Instant::now() + SOON;
+    for n in 20..40 {
+        loop {
+            let body = json!({"channel": "orders", "data": n}).to_string();
+            let (status, answer) = stack.post_publish(body, "application/json").await;
+            if status == StatusCode::ACCEPTED {
+                expected.push(support::published(&answer)[0].1);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the publisher recovers without a restart"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for client in &mut clients {
+        assert_eq!(
+            ids_of(client, 40).await,
+            expected,
+            "nothing missed across the restart"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_pubsub_connection_is_backfilled_while_publishing() {
+    let stack = Arc::new(Stack::start(Backend::Redis).await);
+    let mut clients = vec![
+        stack.subscribe("channel=orders").await,
+        stack.subscribe("channel=orders&channel=other").await,
+        stack.subscribe("channel=other").await,
+    ];
+    let done = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (stack, done) = (stack.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut published = Vec::new();
+            let mut n = 0;
+            while !done.load(Ordering::SeqCst) || n < 300 {
+                let channel = if n % 3 == 0 { "other" } else { "orders" };
+                published.push((
+                    channel.to_owned(),
+                    stack.publish_one(channel, json!(n)).await,
+                ));
+                n += 1;
+            }
+            published
+        })
+    };
+    for kill in 1..=3u64 {
+        let killed: u64 = stack
+            .redis()
+            .query(&["CLIENT", "KILL", "TYPE", "pubsub"])
+            .await;
+        assert_eq!(killed, 1);
+        let reconnected = wait_until(SOON, || async {
+            stack.stats(0).await["live_reconnects"].as_u64() == Some(kill)
+                && stack.readyz_status(0).await == StatusCode::OK
+        })
+        .await;
+        assert!(reconnected, "reconnect {kill}");
+    }
+    done.store(true, Ordering::SeqCst);
+    let published = publisher.await.expect("publisher");
+    let sets: [&[&str]; 3] = [&["orders"], &["orders", "other"], &["other"]];
+    for (client, set) in clients.iter_mut().zip(sets) {
+        let expected: Vec<u64> = published
+            .iter()
+            .filter(|(c, _)| set.contains(&c.as_str()))
+            .map(|(_, id)| *id)
+            .collect();
+        assert_eq!(
+            ids_of(client, expected.len()).await,
+            expected,
+            "exactly once, in order"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restart_without_persistence_resets_connected_clients() {
+    let mut stack = Stack::start(Backend::Redis).await;
+    let mut client = stack.subscribe("channel=orders").await;
+    let before = stack.publish_one("orders", json!("before")).await;
+    assert_eq!(client.next_event(SOON).await.expect("event").id, before);
+
+    let redis = stack.redis.as_mut().expect("redis");
+    redis.stop().await;
+    redis.restart().await;
+    assert!(stack.wait_ready(0, SOON).await);
+
+    let reset = client.next_event(SOON).await.expect("reset");
+    assert_eq!(reset.event.as_deref(), Some("reset"));
+    assert_eq!(
+        reset.envelope,
+        json!({"channels": ["orders"], "reason": "data_lost"})
+    );
+    let position = reset.id;
+    assert!(position > 0, "the reset carries the new position");
+    let after = stack.publish_one("orders", json!("after")).await;
+    assert!(after > before, "ids never repeat across a data loss");
+    assert_eq!(client.next_event(SOON).await.expect("live").id, after);
+}
