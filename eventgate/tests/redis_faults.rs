@@ -186,7 +186,7 @@ async fn redis_restart_with_persistence_loses_nothing_for_connected_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_pubsub_connection_is_backfilled_while_publishing() {
     let stack = Arc::new(Stack::start(Backend::Redis).await);
-    let mut clients = vec![
+    let mut clients = [
         stack.subscribe("channel=orders").await,
         stack.subscribe("channel=orders&channel=other").await,
         stack.subscribe("channel=other").await,
