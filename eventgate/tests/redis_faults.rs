@@ -120,10 +120,11 @@ async fn a_channel_is_unsubscribed_when_its_last_local_client_leaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_with_persistence_loses_nothing_for_connected_clients() {
-    let options = Options {
+    let mut options = Options {
         persistent_redis: true,
         ..Options::default()
     };
+    options.broker.redis_timeout = Duration::from_secs(1);
     let mut stack = Stack::start_with(Backend::Redis, options).await;
     let mut clients = vec![
         stack.subscribe("channel=orders").await,

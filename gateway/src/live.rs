@@ -42,8 +42,8 @@ pub enum LiveCommand {
     Release(Vec<Channel>),
 }
 
-/// Where the live task answers an ensure.
-pub type EnsureReply = oneshot::Sender<Result<(), LiveUnavailable>>;
+/// Where the live task answers an ensure, once the channels are subscribed.
+pub type EnsureReply = oneshot::Sender<()>;
 
 /// The live connection is down; the gateway answers 503.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
@@ -69,7 +69,7 @@ impl LiveHandle {
             .send(LiveCommand::Ensure(channels, reply))
             .map_err(|_| LiveUnavailable)?;
         match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(())) => Ok(()),
             _ => Err(LiveUnavailable),
         }
     }
@@ -113,6 +113,7 @@ pub fn spawn(
         settings,
         shutdown,
         watermark: None,
+        parked: Vec::new(),
     };
     tasks.spawn(task.run());
     LiveHandle {
@@ -131,6 +132,8 @@ struct LiveTask {
     shutdown: CancellationToken,
     /// Epoch and highest seq seen on the live connection.
     watermark: Option<Position>,
+    /// Ensures that arrived while the connection was down.
+    parked: Vec<(Vec<Channel>, EnsureReply)>,
 }
 
 /// Why a connection ended.
@@ -189,7 +192,8 @@ impl LiveTask {
         }
     }
 
-    /// Sleeps `delay`, refusing ensures meanwhile. `false` on shutdown.
+    /// Sleeps `delay`, holding ensures for the next connection (their callers give up on their
+    /// own deadline). `false` on shutdown.
     async fn wait_offline(&mut self, delay: Duration) -> bool {
         let jitter = rand::random_range(0..=delay.as_millis() as u64 / 4);
         let until = tokio::time::sleep(delay + Duration::from_millis(jitter));
@@ -199,8 +203,9 @@ impl LiveTask {
                 _ = self.shutdown.cancelled() => return false,
                 _ = &mut until => return true,
                 Some(command) = self.commands.recv() => {
-                    if let LiveCommand::Ensure(_, reply) = command {
-                        let _ = reply.send(Err(LiveUnavailable));
+                    if let LiveCommand::Ensure(channels, reply) = command {
+                        self.parked.retain(|(_, reply)| !reply.is_closed());
+                        self.parked.push((channels, reply));
                     }
                 }
             }
@@ -242,13 +247,16 @@ impl LiveTask {
             seq = position.seq,
             "live connection ready"
         );
-        let subs = Subscriptions {
+        let mut subs = Subscriptions {
             confirmed: channels.into_iter().collect(),
             pending: HashSet::new(),
             waiters: Vec::new(),
             queue: VecDeque::new(),
             inflight: None,
         };
+        for (channels, reply) in std::mem::take(&mut self.parked) {
+            self.on_command(LiveCommand::Ensure(channels, reply), &mut subs);
+        }
         Ok((sink, stream, subs))
     }
 
@@ -356,9 +364,8 @@ impl LiveTask {
                 },
             }
         };
-        for (_, waiter) in subs.waiters.drain(..) {
-            let _ = waiter.send(Err(LiveUnavailable));
-        }
+        // Callers keep waiting, up to their own deadline, for the next connection.
+        self.parked.append(&mut subs.waiters);
         ended
     }
 
@@ -399,7 +406,7 @@ impl LiveTask {
                     .filter(|c| !subs.confirmed.contains(c))
                     .collect();
                 if missing.is_empty() {
-                    let _ = reply.send(Ok(()));
+                    let _ = reply.send(());
                     return;
                 }
                 let new: Vec<Channel> = missing
@@ -450,7 +457,7 @@ impl LiveTask {
             .partition(|(channels, _)| channels.iter().all(|c| confirmed.contains(c)));
         subs.waiters = waiting;
         for (_, reply) in done {
-            let _ = reply.send(Ok(()));
+            let _ = reply.send(());
         }
     }
 }

@@ -66,9 +66,6 @@ impl GatewayState {
         if self.shutdown.is_cancelled() {
             return Err(ApiError::ShuttingDown);
         }
-        if !self.live.is_ready() {
-            return Err(ApiError::Unavailable(None));
-        }
         let (client, queue) = self.hub.register(&channels);
         Stats::add(&self.stats.connections_open, 1);
         Stats::add(&self.stats.connections_total, 1);

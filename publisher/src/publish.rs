@@ -5,7 +5,7 @@ use std::{sync::Arc, time::SystemTime};
 use axum::{
     Json,
     body::Bytes,
-    extract::State,
+    extract::{State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
 };
 use eventgate_broker::{
@@ -61,9 +61,19 @@ pub struct PublishResponse {
 pub async fn publish(
     State(state): State<Arc<PublisherState>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
     check_content_type(&headers)?;
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
+            code: "body_too_large",
+            message: format!(
+                "the request body is over {} bytes (MAX_BODY_BYTES)",
+                state.config.max_body_bytes
+            ),
+        },
+        _ => ApiError::invalid("invalid_request", rejection.body_text()),
+    })?;
     let timestamp = format_timestamp(SystemTime::now());
     let entries = parse(&body, &state.config, &timestamp)?;
     let seqs = state.broker.publish(&entries).await?;

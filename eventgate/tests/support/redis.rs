@@ -11,6 +11,7 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     persistent: bool,
+    password: Option<String>,
     child: Option<Child>,
 }
 
@@ -27,7 +28,7 @@ fn redis_binary() -> PathBuf {
     );
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -37,20 +38,26 @@ fn free_port() -> u16 {
 impl RedisServer {
     /// A Redis without persistence: a restart loses everything.
     pub async fn start() -> Self {
-        Self::launch(false).await
+        Self::launch(false, None).await
     }
 
     /// A Redis with an fsync-always append-only file: a restart keeps every acknowledged write.
     pub async fn start_persistent() -> Self {
-        Self::launch(true).await
+        Self::launch(true, None).await
     }
 
-    async fn launch(persistent: bool) -> Self {
+    /// A Redis that requires `password`.
+    pub async fn start_with_password(password: &str) -> Self {
+        Self::launch(false, Some(password.to_owned())).await
+    }
+
+    async fn launch(persistent: bool, password: Option<String>) -> Self {
         for _ in 0..20 {
             let mut server = Self {
                 port: free_port(),
                 dir: tempfile::tempdir().expect("temp dir"),
                 persistent,
+                password: password.clone(),
                 child: None,
             };
             if server.spawn().await {
@@ -69,6 +76,9 @@ impl RedisServer {
             .args(["--loglevel", "warning", "--protected-mode", "no"])
             .arg("--dir")
             .arg(self.dir.path());
+        if let Some(password) = &self.password {
+            cmd.args(["--requirepass", password]);
+        }
         if self.persistent {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -96,7 +106,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Stops Redis with SIGTERM (it writes its data when persistent) and waits for the exit.

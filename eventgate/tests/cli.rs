@@ -1,0 +1,280 @@
+//! The `eventgate` binary as users run it: printed commands that work, clear start-up errors,
+//! graceful exit on SIGTERM, and no secret in its output.
+
+mod support;
+
+use std::process::Stdio;
+
+use reqwest::StatusCode;
+use support::{RedisServer, SOON, redis::free_port, wait_until};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, BufReader},
+    process::{Child, Command},
+};
+
+/// The binary under test, started with a clean environment plus `env`.
+fn eventgate(args: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start eventgate")
+}
+
+/// Runs the binary to completion (bounded) and returns (status, stdout + stderr).
+async fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let child = eventgate(args, env);
+    let output = tokio::time::timeout(SOON, child.wait_with_output())
+        .await
+        .expect("eventgate exits")
+        .expect("output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
+}
+
+/// Reads stdout lines until one satisfies `want`; returns every line read.
+async fn read_until(child: &mut Child, lines: &mut Vec<String>, want: impl Fn(&str) -> bool) {
+    let stdout = child.stdout.as_mut().expect("stdout");
+    let mut reader = BufReader::new(stdout);
+    let found = tokio::time::timeout(SOON, async {
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.expect("read stdout") == 0 {
+                return false;
+            }
+            let line = line.trim_end().to_owned();
+            let hit = want(&line);
+            lines.push(line);
+            if hit {
+                return true;
+            }
+        }
+    })
+    .await;
+    assert!(matches!(found, Ok(true)), "eventgate printed: {lines:#?}");
+}
+
+fn sigterm(child: &Child) {
+    let pid = child.id().expect("running").to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_prints_curl_commands_that_work_and_exits_on_sigterm() {
+    let mut server = eventgate(
+        &[],
+        &[
+            ("GATEWAY_ADDR", "127.0.0.1:0"),
+            ("PUBLISHER_ADDR", "127.0.0.1:0"),
+        ],
+    );
+    let mut lines = Vec::new();
+    read_until(&mut server, &mut lines, |l| l.contains("-X POST")).await;
+    let curls: Vec<String> = lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("curl "))
+        .cloned()
+        .collect();
+    assert_eq!(
+        curls.len(),
+        2,
+        "a subscribing and a publishing command: {lines:#?}"
+    );
+    assert!(lines.iter().any(|l| l.contains("in-memory broker")));
+
+    // The subscribing command, run by a real shell and curl.
+    let mut subscriber = Command::new("sh")
+        .args(["-c", &format!("exec {} --max-time 20", curls[0].trim())])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("curl");
+    let gateway = curls[0]
+        .split('\'')
+        .nth(1)
+        .expect("URL")
+        .split("/v1/")
+        .next()
+        .expect("base")
+        .to_owned();
+    let http = reqwest::Client::new();
+    let connected = wait_until(SOON, || async {
+        let stats: serde_json::Value = match http.get(format!("{gateway}/v1/stats")).send().await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        stats["connections"] == 1
+    })
+    .await;
+    assert!(connected, "the printed subscribe command connects");
+
+    let publish = Command::new("sh")
+        .args(["-c", curls[1].trim()])
+        .output()
+        .await
+        .expect("curl publish");
+    let answer = String::from_utf8_lossy(&publish.stdout);
+    assert!(
+        answer.contains(r#""published":[{"channel":"orders","id":""#),
+        "{answer}"
+    );
+
+    let mut stream = subscriber.stdout.take().expect("curl stdout");
+    let mut seen = Vec::new();
+    let got = tokio::time::timeout(SOON, async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(r#""data":{"id":42}"#) {
+            let n = stream.read(&mut buf).await.expect("read curl");
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    let seen = String::from_utf8_lossy(&seen);
+    assert!(
+        got.is_ok() && seen.contains("event: order:created"),
+        "curl saw: {seen}"
+    );
+
+    // SIGTERM with a stream open: the stream ends and the process exits 0, promptly.
+    sigterm(&server);
+    let status = tokio::time::timeout(SOON, server.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status:?}");
+    let curl_done = tokio::time::timeout(SOON, subscriber.wait()).await;
+    assert!(
+        curl_done.is_ok(),
+        "the open stream was ended by the shutdown"
+    );
+}
+
+#[tokio::test]
+async fn gateway_and_publisher_refuse_to_start_without_redis_url() {
+    for role in ["gateway", "publisher"] {
+        let (code, output) = run_to_exit(&[role], &[]).await;
+        assert_eq!(code, Some(64), "{output}");
+        assert!(output.contains("REDIS_URL"), "{output}");
+        assert!(
+            output.contains("standalone"),
+            "points to the way without Redis: {output}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unreachable_redis_exits_69_naming_it_without_the_password() {
+    let port = free_port();
+    let url = format!("redis://:hunter2@127.0.0.1:{port}");
+    for role in ["gateway", "publisher"] {
+        let (code, output) =
+            run_to_exit(&[role], &[("REDIS_URL", &url), ("REDIS_TIMEOUT", "1s")]).await;
+        assert_eq!(code, Some(69), "{output}");
+        assert!(output.contains(&format!("127.0.0.1:{port}")), "{output}");
+        assert!(!output.contains("hunter2"), "the password leaked: {output}");
+    }
+}
+
+#[tokio::test]
+async fn a_bad_setting_is_refused_by_name() {
+    let (code, output) = run_to_exit(&[], &[("HEARTBEAT_INTERVAL", "fast")]).await;
+    assert_eq!(code, Some(64), "{output}");
+    assert!(
+        output.contains("HEARTBEAT_INTERVAL") || output.contains("heartbeat-interval"),
+        "{output}"
+    );
+    let (code, output) = run_to_exit(&["gateway", "--history-max-len", "0"], &[]).await;
+    assert_eq!(code, Some(64), "{output}");
+    assert!(output.contains("history-max-len"), "{output}");
+}
+
+/// Finds "listening on http://…" in a service's output.
+async fn listening_url(child: &mut Child) -> String {
+    let mut lines = Vec::new();
+    read_until(child, &mut lines, |l| l.contains("listening on http://")).await;
+    let line = lines.last().expect("line");
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .expect("URL")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_and_publisher_processes_work_on_a_password_protected_redis() {
+    let redis = RedisServer::start_with_password("s3cret-pw").await;
+    let url = redis.url();
+    let common = [("REDIS_URL", url.as_str()), ("LOG_FORMAT", "json")];
+    let mut gateway = eventgate(&["gateway", "--gateway-addr", "127.0.0.1:0"], &common);
+    let mut publisher = eventgate(
+        &["publisher"],
+        &[common[0], common[1], ("PUBLISHER_ADDR", "127.0.0.1:0")],
+    );
+    let gateway_url = listening_url(&mut gateway).await;
+    let publisher_url = listening_url(&mut publisher).await;
+
+    let http = reqwest::Client::new();
+    let mut client = support::SseClient::connect(
+        &http,
+        &format!("{gateway_url}/v1/events?channel=orders"),
+        None,
+    )
+    .await;
+    assert_eq!(client.status, StatusCode::OK);
+    client.next_block(SOON).await.expect("opening");
+    let answer = http
+        .post(format!("{publisher_url}/v1/publish"))
+        .header("content-type", "application/json")
+        .body(r#"{"channel":"orders","data":{"paid":true}}"#)
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(answer.status(), StatusCode::ACCEPTED);
+    let event = client.next_event(SOON).await.expect("event");
+    assert_eq!(event.envelope["data"], serde_json::json!({"paid": true}));
+    drop(client);
+
+    for child in [&gateway, &publisher] {
+        sigterm(child);
+    }
+    for child in [&mut gateway, &mut publisher] {
+        let mut err = String::new();
+        let mut stderr = child.stderr.take().expect("stderr");
+        tokio::time::timeout(SOON, stderr.read_to_string(&mut err))
+            .await
+            .expect("stderr closes")
+            .expect("read");
+        let status = tokio::time::timeout(SOON, child.wait())
+            .await
+            .expect("exits")
+            .expect("status");
+        assert!(status.success(), "{status:?}: {err}");
+        assert!(
+            !err.contains("s3cret-pw"),
+            "the Redis password leaked into the logs: {err}"
+        );
+        for line in err.lines().filter(|l| !l.is_empty()) {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+            assert!(
+                parsed.is_ok(),
+                "LOG_FORMAT=json gives one JSON object per line: {line}"
+            );
+        }
+    }
+}
