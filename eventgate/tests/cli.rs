@@ -278,3 +278,41 @@ async fn gateway_and_publisher_processes_work_on_a_password_protected_redis() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standalone_uses_redis_when_redis_url_is_set() {
+    let redis = RedisServer::start_with_password("pw-standalone").await;
+    let url = redis.url();
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("GATEWAY_ADDR", "127.0.0.1:0"),
+        ("PUBLISHER_ADDR", "127.0.0.1:0"),
+    ];
+    let mut server = eventgate(&["standalone"], &env);
+    let mut lines = Vec::new();
+    read_until(&mut server, &mut lines, |l| l.contains("-X POST")).await;
+    let banner = lines.join("\n");
+    assert!(
+        banner.contains(&format!("Redis at redis://***@127.0.0.1:{}", redis.port)),
+        "{banner}"
+    );
+    assert!(!banner.contains("pw-standalone"), "{banner}");
+    let publisher = lines
+        .iter()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("publisher")
+                .map(|u| u.trim().to_owned())
+        })
+        .expect("publisher URL");
+    let answer = reqwest::Client::new()
+        .post(format!("{publisher}/v1/publish"))
+        .header("content-type", "application/json")
+        .body(r#"{"channel":"orders","data":1}"#)
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(answer.status(), StatusCode::ACCEPTED);
+    let length: u64 = redis.query(&["XLEN", "eventgate:stream:orders"]).await;
+    assert_eq!(length, 1, "the event went to Redis, not to memory");
+}

@@ -243,8 +243,11 @@ async fn a_killed_pubsub_connection_is_backfilled_while_publishing() {
 async fn redis_restart_without_persistence_resets_connected_clients() {
     let mut stack = Stack::start(Backend::Redis).await;
     let mut client = stack.subscribe("channel=orders").await;
+    let away = stack.subscribe("channel=orders").await;
     let before = stack.publish_one("orders", json!("before")).await;
     assert_eq!(client.next_event(SOON).await.expect("event").id, before);
+    let old_cursor = away.last_id.clone().expect("position");
+    drop(away);
 
     let redis = stack.redis.as_mut().expect("redis");
     redis.stop().await;
@@ -262,4 +265,14 @@ async fn redis_restart_without_persistence_resets_connected_clients() {
     let after = stack.publish_one("orders", json!("after")).await;
     assert!(after > before, "ids never repeat across a data loss");
     assert_eq!(client.next_event(SOON).await.expect("live").id, after);
+
+    // A client that was away during the loss comes back with an id from the old counter.
+    let mut returning = stack
+        .subscribe_at(0, "channel=orders", Some(&old_cursor))
+        .await;
+    let reset = returning.next_event(SOON).await.expect("reset");
+    assert_eq!(
+        reset.envelope,
+        json!({"channels": ["orders"], "reason": "unknown_position"})
+    );
 }

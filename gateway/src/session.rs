@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use eventgate_broker::{Channel, Replay, ReplayItem};
+use eventgate_broker::{Channel, Position, Replay, ReplayItem};
 
 use crate::{
     GatewayState,
@@ -37,7 +37,7 @@ impl Drop for Session {
 pub enum Start {
     /// No cursor: from the current position.
     Fresh,
-    /// The cursor is ahead of the broker's counter: reset every channel, start fresh.
+    /// The cursor is not a position of this broker: reset every channel, start fresh.
     Unknown,
     /// Replay history after the cursor; `first` is the replay's first item, read before the
     /// response starts so a broker failure is still a clean 503.
@@ -79,10 +79,15 @@ impl GatewayState {
             .ensure(session.channels.clone(), self.broker_timeout)
             .await
             .map_err(|_| ApiError::Unavailable(None))?;
-        let position = self.broker.position().await?.seq;
+        let Position {
+            epoch,
+            seq: position,
+        } = self.broker.position().await?;
         let start = match cursor {
             None => Start::Fresh,
-            Some(cursor) if cursor > position => Start::Unknown,
+            // Ahead of the counter, or from before the counter's epoch began (a Redis that lost
+            // its data, another deployment): nothing can be said about what it missed.
+            Some(cursor) if cursor > position || cursor < epoch => Start::Unknown,
             Some(cursor) => {
                 let mut replay = Replay::new(
                     self.broker.clone(),
