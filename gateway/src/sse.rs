@@ -133,7 +133,10 @@ struct SseWriter {
     shutdown: CancellationToken,
     stats: Arc<Stats>,
     finished: bool,
+    /// Events written to this client.
     sent: u64,
+    /// Events written but not yet added to the replica's counter.
+    uncounted: u64,
     opened: Instant,
     end: &'static str,
 }
@@ -148,27 +151,19 @@ impl SseWriter {
         let base = state.config.sse_retry.as_millis() as u64;
         let retry = base + rand::random_range(0..=base / 2);
         let mut prelude = BytesMut::from(format!("retry: {retry}\n").as_bytes());
-        let mut replay = None;
-        let unknown = matches!(start, Start::Unknown);
-        let floor = match start {
-            Start::Fresh => position,
-            Start::Unknown => position,
+        let (floor, replay, unknown) = match start {
+            Start::Fresh => (position, None, false),
+            Start::Unknown => (position, None, true),
             Start::Resume {
                 cursor,
-                replay: r,
+                replay,
                 first,
-            } => {
-                replay = Some((r, first));
-                cursor
-            }
+            } => (cursor, Some((replay, first)), false),
         };
         prelude.extend_from_slice(&sse_position(floor));
         if unknown {
-            prelude.extend_from_slice(&sse_reset(
-                &session.channels,
-                GapReason::UnknownPosition,
-                None,
-            ));
+            let channels = &session.channels;
+            prelude.extend_from_slice(&sse_reset(channels, GapReason::UnknownPosition, None));
             Stats::add(&state.stats.resets_sent, 1);
         }
         let interval = state.config.heartbeat_interval;
@@ -186,6 +181,7 @@ impl SseWriter {
             stats: state.stats.clone(),
             finished: false,
             sent: 0,
+            uncounted: 0,
             opened: Instant::now(),
             end: "client",
         }
@@ -217,6 +213,11 @@ impl SseWriter {
                     return Some(bytes);
                 }
             }
+            // Counted per batch, not per event: the counter is shared by every writer.
+            Stats::add(
+                &self.stats.events_delivered,
+                std::mem::take(&mut self.uncounted),
+            );
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return self.finish("shutdown", None),
@@ -287,7 +288,7 @@ impl SseWriter {
             Delivery::Event(frame) if frame.seq > self.floor => {
                 self.floor = frame.seq;
                 self.sent += 1;
-                Stats::add(&self.stats.events_delivered, 1);
+                self.uncounted += 1;
                 Some(frame.sse.clone())
             }
             Delivery::Event(_) => None,
@@ -325,6 +326,7 @@ impl SseWriter {
 
 impl Drop for SseWriter {
     fn drop(&mut self) {
+        Stats::add(&self.stats.events_delivered, self.uncounted);
         tracing::info!(
             client = self.session.client,
             transport = "sse",
