@@ -23,6 +23,9 @@ pub enum ApiError {
     Unavailable(#[source] Option<BrokerError>),
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// The client was disconnected (its queue overflowed) while the request was in flight.
+    #[error("the connection was closed as too slow")]
+    Gone,
 }
 
 impl ApiError {
@@ -33,6 +36,11 @@ impl ApiError {
         }
     }
 
+    /// The stable error code, also used in WebSocket `error` messages.
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
@@ -40,6 +48,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            ApiError::Gone => (StatusCode::SERVICE_UNAVAILABLE, "slow_consumer"),
         }
     }
 }

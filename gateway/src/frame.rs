@@ -1,27 +1,56 @@
 //! What a client is sent, rendered once per event per replica.
 
+use std::sync::OnceLock;
+
+use axum::extract::ws::Utf8Bytes;
 use bytes::{BufMut, Bytes, BytesMut};
 use eventgate_broker::{Channel, Event, GapReason, event::BodyError};
 
 /// One event, ready to write: every local subscriber gets a clone of the same bytes.
 #[derive(Debug)]
 pub struct Frame {
-    pub seq: u64,
-    pub channel: Channel,
+    pub event: Event,
     /// `id: …\nevent: …\ndata: {envelope}\n\n`
     pub sse: Bytes,
+    /// The WebSocket message, rendered by the first WebSocket subscriber that needs it.
+    ws: OnceLock<Utf8Bytes>,
 }
 
 impl Frame {
-    pub fn build(event: &Event) -> Result<Self, BodyError> {
+    pub fn build(event: Event) -> Result<Self, BodyError> {
         let mut sse = BytesMut::with_capacity(event.body.len() + 128);
-        write_sse_event(event, &mut sse)?;
+        write_sse_event(&event, &mut sse)?;
         Ok(Self {
-            seq: event.seq,
-            channel: event.channel.clone(),
+            event,
             sse: sse.freeze(),
+            ws: OnceLock::new(),
         })
     }
+
+    pub fn seq(&self) -> u64 {
+        self.event.seq
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.event.channel
+    }
+
+    /// `{"type":"event",…}`, rendered once per replica.
+    pub fn ws_text(&self) -> Utf8Bytes {
+        // `build` already decoded this body, so rendering cannot fail here.
+        self.ws
+            .get_or_init(|| ws_event(&self.event).unwrap_or_default())
+            .clone()
+    }
+}
+
+/// The WebSocket form of an event: the SSE envelope plus `"type":"event"`.
+pub fn ws_event(event: &Event) -> Result<Utf8Bytes, BodyError> {
+    let body = event.decode()?;
+    let mut text = Vec::with_capacity(event.body.len() + 96);
+    event.write_envelope(&body, true, &mut text)?;
+    // serde_json writes UTF-8; the check runs once per event per replica.
+    Ok(Utf8Bytes::try_from(text).unwrap_or_default())
 }
 
 /// Appends the SSE form of `event`. An event without a name gets no `event:` line, so

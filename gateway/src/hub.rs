@@ -116,7 +116,8 @@ impl ClientQueue {
 /// Replica-wide counters for `/v1/stats`.
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub connections_open: AtomicU64,
+    pub connections_sse: AtomicU64,
+    pub connections_ws: AtomicU64,
     pub connections_total: AtomicU64,
     pub events_received: AtomicU64,
     pub events_delivered: AtomicU64,
@@ -177,45 +178,78 @@ impl Hub {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds a client with `channels`; events on them start queueing at once.
-    pub fn register(&self, channels: &[Channel]) -> (u64, Arc<ClientQueue>) {
+    /// Adds a client with no channels yet.
+    pub fn register(&self) -> (u64, Arc<ClientQueue>) {
         let queue = Arc::new(ClientQueue::new(self.queue_capacity));
         let mut state = self.lock();
         let id = state.next_client;
         state.next_client += 1;
-        for channel in channels {
-            state
-                .channels
-                .entry(channel.clone())
-                .or_default()
-                .push(Member {
-                    client: id,
-                    queue: queue.clone(),
-                });
-        }
         state.clients.insert(
             id,
             ClientEntry {
                 queue: queue.clone(),
-                channels: channels.to_vec(),
+                channels: Vec::new(),
             },
         );
         (id, queue)
     }
 
-    /// Removes a client. Channels nobody here wants any more are released to the live task,
-    /// under the lock, so a release is always ordered before a later client's ensure.
+    /// Adds `channels` to a client; their events start queueing for it at once. Returns
+    /// `false` when the client is gone (dropped as slow).
+    pub fn join(&self, client: u64, channels: &[Channel]) -> bool {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let Some(entry) = state.clients.get_mut(&client) else {
+            return false;
+        };
+        for channel in channels {
+            if entry.channels.contains(channel) {
+                continue;
+            }
+            entry.channels.push(channel.clone());
+            state
+                .channels
+                .entry(channel.clone())
+                .or_default()
+                .push(Member {
+                    client,
+                    queue: entry.queue.clone(),
+                });
+        }
+        true
+    }
+
+    /// Removes `channels` from a client; channels nobody here wants any more are released.
+    pub fn leave(&self, client: u64, channels: &[Channel]) {
+        let mut state = self.lock();
+        if let Some(entry) = state.clients.get_mut(&client) {
+            entry.channels.retain(|c| !channels.contains(c));
+        }
+        self.forget_locked(&mut state, client, channels.iter().cloned());
+    }
+
+    /// Removes a client and its memberships.
     pub fn unregister(&self, client: u64) {
         let mut state = self.lock();
         self.remove_locked(&mut state, client);
     }
 
     fn remove_locked(&self, state: &mut HubState, client: u64) {
-        let Some(entry) = state.clients.remove(&client) else {
-            return;
-        };
+        if let Some(entry) = state.clients.remove(&client) {
+            self.forget_locked(state, client, entry.channels.into_iter());
+        }
+    }
+
+    /// Drops `client`'s memberships of `channels`; releases channels left without members,
+    /// under the lock, so a release is always ordered before a later client's ensure.
+    fn forget_locked(
+        &self,
+        state: &mut HubState,
+        client: u64,
+        channels: impl Iterator<Item = Channel>,
+    ) {
         let mut released = Vec::new();
-        for channel in entry.channels {
+        for channel in channels {
             if let Some(members) = state.channels.get_mut(&channel) {
                 members.retain(|m| m.client != client);
                 if members.is_empty() {
@@ -233,7 +267,7 @@ impl Hub {
     pub fn dispatch(&self, frame: Arc<Frame>) {
         let mut state = self.lock();
         let mut slow = Vec::new();
-        if let Some(members) = state.channels.get(&frame.channel) {
+        if let Some(members) = state.channels.get(frame.channel()) {
             for member in members {
                 if !member.queue.push(Delivery::Event(frame.clone())) {
                     slow.push(member.client);
@@ -304,20 +338,27 @@ mod tests {
         (Hub::new(capacity, tx, Arc::default()), rx)
     }
 
+    fn member(hub: &Hub, channel: &Channel) -> (u64, Arc<ClientQueue>) {
+        let (id, queue) = hub.register();
+        assert!(hub.join(id, std::slice::from_ref(channel)));
+        (id, queue)
+    }
+
     fn frame(seq: u64, channel: &Channel) -> Arc<Frame> {
-        Arc::new(Frame {
+        let event = eventgate_broker::Event {
             seq,
             channel: channel.clone(),
-            sse: Bytes::from(format!("id: {seq}\n\n")),
-        })
+            body: Bytes::from_static(br#"{"data":1,"timestamp":"t"}"#),
+        };
+        Arc::new(Frame::build(event).expect("valid body"))
     }
 
     #[tokio::test]
     async fn every_subscriber_gets_the_same_frame_allocation() {
         let (hub, _live) = hub(8);
         let orders = Channel::parse("orders").unwrap();
-        let (_, a) = hub.register(std::slice::from_ref(&orders));
-        let (_, b) = hub.register(std::slice::from_ref(&orders));
+        let a = member(&hub, &orders).1;
+        let b = member(&hub, &orders).1;
         let sent = frame(1, &orders);
         hub.dispatch(sent.clone());
         for queue in [a, b] {
@@ -334,8 +375,8 @@ mod tests {
     async fn a_full_queue_drops_only_that_client_and_frees_its_backlog() {
         let (hub, mut live) = hub(2);
         let orders = Channel::parse("orders").unwrap();
-        let (_, slow) = hub.register(std::slice::from_ref(&orders));
-        let (_, fast) = hub.register(std::slice::from_ref(&orders));
+        let slow = member(&hub, &orders).1;
+        let fast = member(&hub, &orders).1;
         let mut fast_got = Vec::new();
         for seq in 1..=3 {
             hub.dispatch(frame(seq, &orders));
@@ -362,11 +403,11 @@ mod tests {
     async fn the_last_subscriber_leaving_releases_the_channel() {
         let (hub, mut live) = hub(2);
         let orders = Channel::parse("orders").unwrap();
-        let (a, _) = hub.register(std::slice::from_ref(&orders));
-        let (b, _) = hub.register(std::slice::from_ref(&orders));
+        let (a, _) = member(&hub, &orders);
+        let (b, _) = member(&hub, &orders);
         hub.unregister(a);
         assert!(live.try_recv().is_err());
-        hub.unregister(b);
+        hub.leave(b, std::slice::from_ref(&orders));
         match live.try_recv() {
             Ok(LiveCommand::Release(channels)) => assert_eq!(channels, vec![orders]),
             other => panic!("expected a release, got {other:?}"),

@@ -279,7 +279,7 @@ impl LiveTask {
             match item {
                 ReplayItem::Event(event) => {
                     count += 1;
-                    self.dispatch(&event);
+                    self.dispatch(event);
                 }
                 ReplayItem::Gap(channel, reason) => {
                     Stats::add(&self.stats.resets_sent, 1);
@@ -299,12 +299,13 @@ impl LiveTask {
         Ok(())
     }
 
-    fn dispatch(&self, event: &Event) {
+    fn dispatch(&self, event: Event) {
+        let (seq, channel) = (event.seq, event.channel.clone());
         match Frame::build(event) {
             Ok(frame) => self.hub.dispatch(Arc::new(frame)),
             Err(e) => {
                 Stats::add(&self.stats.malformed_messages, 1);
-                tracing::warn!(seq = event.seq, channel = %event.channel, error = %e, "skipping malformed event");
+                tracing::warn!(seq, %channel, error = %e, "skipping malformed event");
             }
         }
     }
@@ -379,7 +380,7 @@ impl LiveTask {
                 if event.seq > watermark.seq {
                     watermark.seq = event.seq;
                     Stats::add(&self.stats.events_received, 1);
-                    self.dispatch(&event);
+                    self.dispatch(event);
                 }
             }
             LiveMessage::Marker(seq) => {

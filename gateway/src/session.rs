@@ -1,11 +1,12 @@
-//! Opening a client's subscription, the same way for every transport.
+//! A client's registration in the hub, and attaching channels to it, the same way for every
+//! transport.
 //!
-//! The order is what makes resume exact (docs/resume.md): register in the hub first, so live
-//! events start queueing; make sure the channels are subscribed on the live connection; only
-//! then read the broker's position G. Every event up to G is in history, every event after G
-//! arrives live, and the client's writer drops live events at or below what it already sent.
+//! The order is what makes resume exact (docs/resume.md): join the channels in the hub first, so
+//! live events start queueing; make sure they are subscribed on the live connection; only then
+//! read the broker's position G. Every event up to G is in history, every event after G arrives
+//! live, and the client's writer drops live events at or below what it already sent.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::AtomicU64};
 
 use eventgate_broker::{Channel, Position, Replay, ReplayItem};
 
@@ -15,32 +16,53 @@ use crate::{
     hub::{ClientQueue, Hub, Stats},
 };
 
+/// The transport of a session, for stats and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse,
+    WebSocket,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::WebSocket => "websocket",
+        }
+    }
+
+    fn open_counter(self, stats: &Stats) -> &AtomicU64 {
+        match self {
+            Transport::Sse => &stats.connections_sse,
+            Transport::WebSocket => &stats.connections_ws,
+        }
+    }
+}
+
 /// A client registered in the hub; dropping it unregisters the client.
 pub struct Session {
     pub client: u64,
     pub queue: Arc<ClientQueue>,
-    pub channels: Vec<Channel>,
+    pub transport: Transport,
     hub: Arc<Hub>,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
         self.hub.unregister(self.client);
-        self.hub
-            .stats
-            .connections_open
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        let counter = self.transport.open_counter(&self.hub.stats);
+        counter.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
-/// How a subscription starts.
+/// How an attached channel set starts.
 pub enum Start {
     /// No cursor: from the current position.
     Fresh,
-    /// The cursor is not a position of this broker: reset every channel, start fresh.
+    /// The cursor is not a position of this broker: reset the channels, start fresh.
     Unknown,
-    /// Replay history after the cursor; `first` is the replay's first item, read before the
-    /// response starts so a broker failure is still a clean 503.
+    /// Replay history after the cursor; `first` is the replay's first item, read before
+    /// anything is sent so a broker failure is still a clean error.
     Resume {
         cursor: u64,
         replay: Box<Replay>,
@@ -48,35 +70,51 @@ pub enum Start {
     },
 }
 
-/// A subscription ready to stream.
-pub struct Opening {
-    pub session: Session,
-    /// The broker's position when the subscription became live.
+/// Channels attached to a session.
+pub struct Attached {
+    /// The broker's position once the channels were live; a replay ends there.
     pub position: u64,
     pub start: Start,
 }
 
 impl GatewayState {
-    /// Registers a client for `channels` and prepares its start from `cursor`.
-    pub async fn open(
-        &self,
-        channels: Vec<Channel>,
-        cursor: Option<u64>,
-    ) -> Result<Opening, ApiError> {
+    /// Registers a new client.
+    pub fn new_session(&self, transport: Transport) -> Result<Session, ApiError> {
         if self.shutdown.is_cancelled() {
             return Err(ApiError::ShuttingDown);
         }
-        let (client, queue) = self.hub.register(&channels);
-        Stats::add(&self.stats.connections_open, 1);
+        let (client, queue) = self.hub.register();
+        Stats::add(transport.open_counter(&self.stats), 1);
         Stats::add(&self.stats.connections_total, 1);
-        let session = Session {
+        Ok(Session {
             client,
             queue,
-            channels,
+            transport,
             hub: self.hub.clone(),
-        };
+        })
+    }
+
+    /// Adds `channels` to `session` and prepares their start from `cursor`. On error the
+    /// channels are removed again.
+    pub async fn attach(
+        &self,
+        session: &Session,
+        channels: &[Channel],
+        cursor: Option<u64>,
+    ) -> Result<Attached, ApiError> {
+        if !self.hub.join(session.client, channels) {
+            return Err(ApiError::Gone);
+        }
+        let attached = self.start(channels, cursor).await;
+        if attached.is_err() {
+            self.hub.leave(session.client, channels);
+        }
+        attached
+    }
+
+    async fn start(&self, channels: &[Channel], cursor: Option<u64>) -> Result<Attached, ApiError> {
         self.live
-            .ensure(session.channels.clone(), self.broker_timeout)
+            .ensure(channels.to_vec(), self.broker_timeout)
             .await
             .map_err(|_| ApiError::Unavailable(None))?;
         let Position {
@@ -91,7 +129,7 @@ impl GatewayState {
             Some(cursor) => {
                 let mut replay = Replay::new(
                     self.broker.clone(),
-                    session.channels.iter().cloned(),
+                    channels.iter().cloned(),
                     cursor,
                     position,
                     self.config.replay_page_size as usize,
@@ -104,10 +142,6 @@ impl GatewayState {
                 }
             }
         };
-        Ok(Opening {
-            session,
-            position,
-            start,
-        })
+        Ok(Attached { position, start })
     }
 }

@@ -22,7 +22,7 @@ use crate::{
     error::ApiError,
     frame::{sse_position, sse_reset, write_sse_event},
     hub::{CloseReason, Delivery, Stats},
-    session::{Opening, Session, Start},
+    session::{Attached, Session, Start, Transport},
 };
 
 /// A parsed subscription request.
@@ -96,8 +96,11 @@ pub async fn events(
         &headers,
         state.config.max_channels_per_connection as usize,
     )?;
-    let opening = state.open(request.channels, request.cursor).await?;
-    let writer = SseWriter::new(opening, &state);
+    let session = state.new_session(Transport::Sse)?;
+    let attached = state
+        .attach(&session, &request.channels, request.cursor)
+        .await?;
+    let writer = SseWriter::new(session, request.channels, attached, &state);
     let body = Body::from_stream(futures::stream::unfold(writer, |mut writer| async move {
         writer
             .next_chunk()
@@ -121,6 +124,7 @@ const REPLAY_CHUNK: usize = 64 * 1024;
 /// Produces one client's stream.
 struct SseWriter {
     session: Session,
+    channels: Vec<Channel>,
     /// Highest seq this client has been given (events or position lines). Live deliveries at
     /// or below it are duplicates of the replay and are dropped.
     floor: u64,
@@ -142,12 +146,13 @@ struct SseWriter {
 }
 
 impl SseWriter {
-    fn new(opening: Opening, state: &GatewayState) -> Self {
-        let Opening {
-            session,
-            position,
-            start,
-        } = opening;
+    fn new(
+        session: Session,
+        channels: Vec<Channel>,
+        attached: Attached,
+        state: &GatewayState,
+    ) -> Self {
+        let Attached { position, start } = attached;
         let base = state.config.sse_retry.as_millis() as u64;
         let retry = base + rand::random_range(0..=base / 2);
         let mut prelude = BytesMut::from(format!("retry: {retry}\n").as_bytes());
@@ -162,8 +167,7 @@ impl SseWriter {
         };
         prelude.extend_from_slice(&sse_position(floor));
         if unknown {
-            let channels = &session.channels;
-            prelude.extend_from_slice(&sse_reset(channels, GapReason::UnknownPosition, None));
+            prelude.extend_from_slice(&sse_reset(&channels, GapReason::UnknownPosition, None));
             Stats::add(&state.stats.resets_sent, 1);
         }
         let interval = state.config.heartbeat_interval;
@@ -171,6 +175,7 @@ impl SseWriter {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             session,
+            channels,
             floor,
             position,
             prelude: Some(prelude.freeze()),
@@ -285,8 +290,8 @@ impl SseWriter {
 
     fn render(&mut self, delivery: Delivery) -> Option<Bytes> {
         match delivery {
-            Delivery::Event(frame) if frame.seq > self.floor => {
-                self.floor = frame.seq;
+            Delivery::Event(frame) if frame.seq() > self.floor => {
+                self.floor = frame.seq();
                 self.sent += 1;
                 self.uncounted += 1;
                 Some(frame.sse.clone())
@@ -299,10 +304,10 @@ impl SseWriter {
             Delivery::Position(_) => None,
             Delivery::Reset(notice) => {
                 let channels: Vec<Channel> = match &notice.channels {
-                    None => self.session.channels.clone(),
+                    None => self.channels.clone(),
                     Some(list) => list
                         .iter()
-                        .filter(|c| self.session.channels.contains(c))
+                        .filter(|c| self.channels.contains(c))
                         .cloned()
                         .collect(),
                 };
@@ -330,7 +335,7 @@ impl Drop for SseWriter {
         tracing::info!(
             client = self.session.client,
             transport = "sse",
-            channels = self.session.channels.len(),
+            channels = self.channels.len(),
             events = self.sent,
             duration_ms = self.opened.elapsed().as_millis() as u64,
             end = self.end,
