@@ -39,6 +39,21 @@ pub struct GatewayConfig {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_channels_per_connection: u32,
 
+    /// Channels one WebSocket may be subscribed to at once.
+    #[arg(long, env = "WS_MAX_SUBSCRIPTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub ws_max_subscriptions: u32,
+
+    /// Largest WebSocket message a client may send; a larger one closes the socket (1009).
+    #[arg(long, env = "WS_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u32).range(64..=16 * 1024 * 1024))]
+    pub ws_max_message_bytes: u32,
+
+    /// Origins allowed to open WebSockets, comma-separated (`https://app.example.com`). Unset:
+    /// any. A browser handshake from another origin is refused with 403.
+    #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
     /// History entries read per channel per round trip when replaying.
     #[arg(long, env = "REPLAY_PAGE_SIZE", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
@@ -60,6 +75,9 @@ impl Default for GatewayConfig {
             client_queue_size: 4096,
             write_timeout: Duration::from_secs(30),
             max_channels_per_connection: 64,
+            ws_max_subscriptions: 64,
+            ws_max_message_bytes: 16 * 1024,
+            allowed_origins: None,
             replay_page_size: 500,
             shutdown_timeout: Duration::from_secs(10),
         }

@@ -23,6 +23,11 @@ pub enum ApiError {
     Unavailable(#[source] Option<BrokerError>),
     #[error("the gateway is shutting down")]
     ShuttingDown,
+    /// A WebSocket handshake that is not one (status from axum's rejection).
+    #[error("{1}")]
+    Handshake(StatusCode, String),
+    #[error("origin {0:?} may not open WebSockets here (ALLOWED_ORIGINS)")]
+    OriginNotAllowed(String),
     /// The client was disconnected (its queue overflowed) while the request was in flight.
     #[error("the connection was closed as too slow")]
     Gone,
@@ -49,6 +54,8 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             ApiError::Gone => (StatusCode::SERVICE_UNAVAILABLE, "slow_consumer"),
+            ApiError::Handshake(status, _) => (*status, "websocket_handshake"),
+            ApiError::OriginNotAllowed(_) => (StatusCode::FORBIDDEN, "origin_not_allowed"),
         }
     }
 }

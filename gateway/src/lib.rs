@@ -4,7 +4,8 @@
 //! - [`hub`]: local fan-out, one bounded queue per client;
 //! - [`live`]: the replica's one live connection to the broker, with backfill on reconnect;
 //! - [`session`]: opening a subscription in the order that makes resume exact;
-//! - [`sse`]: the `/v1/events` endpoint.
+//! - [`sse`]: the `/v1/events` endpoint;
+//! - [`ws`]: the `/v1/ws` endpoint.
 
 pub mod config;
 pub mod error;
@@ -14,6 +15,7 @@ pub mod listener;
 pub mod live;
 pub mod session;
 pub mod sse;
+pub mod ws;
 
 use std::{
     io,
@@ -141,6 +143,7 @@ pub async fn run(
 pub fn app(state: Arc<GatewayState>) -> Router {
     Router::new()
         .route("/v1/events", get(sse::events))
+        .route("/v1/ws", get(ws::upgrade))
         .route("/v1/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -3,6 +3,7 @@
 
 pub mod redis;
 pub mod sse;
+pub mod ws;
 
 use std::{future::Future, io, time::Duration};
 
@@ -16,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use self::{
     redis::RedisServer,
-    sse::{Received, SseClient},
+    sse::{End, Received, SseClient},
+    ws::{WsClient, event_id},
 };
 
 /// Generous bound for anything that should happen "now".
@@ -212,6 +214,13 @@ impl Stack {
             .await
             .expect("readyz")
             .status()
+    }
+
+    pub fn ws_url(&self, gateway: usize) -> String {
+        format!(
+            "{}/v1/ws",
+            self.gateways[gateway].url.replacen("http://", "ws://", 1)
+        )
     }
 
     pub fn events_url(&self, gateway: usize, query: &str) -> String {

@@ -1,0 +1,556 @@
+//! `GET /v1/ws`: the WebSocket transport, on the same hub, ordering, resume, `reset` and
+//! slow-client rules as SSE.
+//!
+//! One task per connection reads client messages, drains the client's queue and sends pings.
+//! Each subscribed channel has its own floor (the highest seq sent on it), because channels
+//! join and leave on the fly and each `subscribe` may resume from its own `since`. A subscribe
+//! is handled to the end (join, ensure, position, replay) before the queue is drained again, so
+//! live events of that channel that queued meanwhile are dropped up to the replay's end.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
+
+use axum::{
+    extract::{
+        State, WebSocketUpgrade,
+        ws::rejection::WebSocketUpgradeRejection,
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket},
+    },
+    http::{HeaderMap, header},
+    response::Response,
+};
+use bytes::Bytes;
+use eventgate_broker::{Channel, GapReason, Replay, ReplayItem, parse_cursor};
+use futures::SinkExt;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::{
+    GatewayState,
+    error::ApiError,
+    frame::ws_event,
+    hub::{CloseReason, Delivery, Stats},
+    session::{Attached, Session, Start, Transport},
+};
+
+/// Close codes, RFC 6455 section 7.4.1.
+mod code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const UNSUPPORTED_DATA: u16 = 1003;
+    pub const TOO_BIG: u16 = 1009;
+    pub const INTERNAL: u16 = 1011;
+    pub const TRY_AGAIN_LATER: u16 = 1013;
+}
+
+pub async fn upgrade(
+    State(state): State<Arc<GatewayState>>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    check_origin(&headers, state.config.allowed_origins.as_deref())?;
+    let upgrade = upgrade.map_err(|r| ApiError::Handshake(r.status(), r.body_text()))?;
+    let session = state.new_session(Transport::WebSocket)?;
+    let limit = state.config.ws_max_message_bytes as usize;
+    Ok(upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| WsConnection::new(state, session, socket).run()))
+}
+
+/// Refuses a browser handshake from an origin not in `ALLOWED_ORIGINS` (cross-site WebSocket
+/// hijacking). Requests without `Origin` come from non-browser clients and pass.
+fn check_origin(headers: &HeaderMap, allowed: Option<&[String]>) -> Result<(), ApiError> {
+    let (Some(allowed), Some(origin)) = (allowed, headers.get(header::ORIGIN)) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
+    if allowed
+        .iter()
+        .any(|a| a.trim().trim_end_matches('/').eq_ignore_ascii_case(origin))
+    {
+        Ok(())
+    } else {
+        Err(ApiError::OriginNotAllowed(
+            origin.chars().take(200).collect(),
+        ))
+    }
+}
+
+/// Why the connection loop ended, and the close frame to send, if any.
+struct Ending {
+    close: Option<(u16, &'static str)>,
+    why: &'static str,
+}
+
+impl Ending {
+    fn close(code: u16, reason: &'static str, why: &'static str) -> Self {
+        Self {
+            close: Some((code, reason)),
+            why,
+        }
+    }
+
+    fn quiet(why: &'static str) -> Self {
+        Self { close: None, why }
+    }
+}
+
+type Step = Result<(), Ending>;
+
+struct WsConnection {
+    state: Arc<GatewayState>,
+    session: Session,
+    socket: WebSocket,
+    id: uuid::Uuid,
+    /// Subscribed channels, each with the highest seq sent on it.
+    floors: HashMap<Channel, u64>,
+    pending: VecDeque<Delivery>,
+    sent: u64,
+    uncounted: u64,
+    opened: Instant,
+}
+
+impl WsConnection {
+    fn new(state: Arc<GatewayState>, session: Session, socket: WebSocket) -> Self {
+        Self {
+            state,
+            session,
+            socket,
+            id: uuid::Uuid::new_v4(),
+            floors: HashMap::new(),
+            pending: VecDeque::new(),
+            sent: 0,
+            uncounted: 0,
+            opened: Instant::now(),
+        }
+    }
+
+    async fn run(mut self) {
+        let ending = match self.serve().await {
+            Ok(()) => Ending::quiet("client"),
+            Err(ending) => ending,
+        };
+        if let Some((code, reason)) = ending.close {
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(reason),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.socket.send(Message::Close(Some(frame))),
+            )
+            .await;
+        }
+        Stats::add(&self.state.stats.events_delivered, self.uncounted);
+        tracing::info!(
+            client = self.session.client,
+            connection_id = %self.id,
+            transport = "websocket",
+            channels = self.floors.len(),
+            events = self.sent,
+            duration_ms = self.opened.elapsed().as_millis() as u64,
+            end = ending.why,
+            "stream closed"
+        );
+    }
+
+    async fn serve(&mut self) -> Step {
+        let hello = json!({"type": "connected", "connection_id": self.id.to_string(), "replica": self.state.replica});
+        self.send_json(hello).await?;
+        let interval = self.state.config.heartbeat_interval;
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    return Err(Ending::close(code::GOING_AWAY, "server shutting down; reconnect", "shutdown"));
+                }
+                received = self.session.queue.recv(&mut self.pending) => match received {
+                    Ok(()) => self.flush_pending().await?,
+                    Err(CloseReason::Slow) => {
+                        return Err(Ending::close(
+                            code::TRY_AGAIN_LATER,
+                            "too slow; reconnect and subscribe with since",
+                            "slow",
+                        ));
+                    }
+                },
+                message = self.socket.recv() => {
+                    last_heard = Instant::now();
+                    match message {
+                        None | Some(Ok(Message::Close(_))) => return Ok(()),
+                        Some(Err(e)) => return Err(receive_error(e)),
+                        Some(Ok(Message::Text(text))) => self.on_text(&text).await?,
+                        Some(Ok(Message::Binary(_))) => {
+                            return Err(Ending::close(
+                                code::UNSUPPORTED_DATA,
+                                "binary messages are not supported; send JSON text",
+                                "binary",
+                            ));
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > interval * 2 {
+                        return Err(Ending::close(code::INTERNAL, "no answer to pings", "heartbeat_timeout"));
+                    }
+                    self.send(Message::Ping(Bytes::new())).await?;
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, message: Message) -> Step {
+        self.socket
+            .send(message)
+            .await
+            .map_err(|_| Ending::quiet("write_error"))
+    }
+
+    async fn send_json(&mut self, value: Value) -> Step {
+        self.send(Message::Text(value.to_string().into())).await
+    }
+
+    async fn send_error(&mut self, id: Option<&Value>, error: &ApiError) -> Step {
+        let mut reply =
+            json!({"type": "error", "code": error.code(), "message": error.to_string()});
+        with_id(&mut reply, id);
+        self.send_json(reply).await
+    }
+
+    /// Writes everything queued, then flushes once.
+    async fn flush_pending(&mut self) -> Step {
+        let mut wrote = false;
+        while let Some(delivery) = self.pending.pop_front() {
+            if let Some(message) = self.render(delivery) {
+                self.socket
+                    .feed(message)
+                    .await
+                    .map_err(|_| Ending::quiet("write_error"))?;
+                wrote = true;
+            }
+        }
+        if wrote {
+            self.socket
+                .flush()
+                .await
+                .map_err(|_| Ending::quiet("write_error"))?;
+        }
+        Stats::add(
+            &self.state.stats.events_delivered,
+            std::mem::take(&mut self.uncounted),
+        );
+        Ok(())
+    }
+
+    fn render(&mut self, delivery: Delivery) -> Option<Message> {
+        match delivery {
+            Delivery::Event(frame) => {
+                let floor = self.floors.get_mut(frame.channel())?;
+                if frame.seq() <= *floor {
+                    return None;
+                }
+                *floor = frame.seq();
+                self.sent += 1;
+                self.uncounted += 1;
+                Some(Message::Text(frame.ws_text()))
+            }
+            Delivery::Position(_) => None,
+            Delivery::Reset(notice) => {
+                let channels: Vec<Channel> = match &notice.channels {
+                    None => self.floors.keys().cloned().collect(),
+                    Some(list) => list
+                        .iter()
+                        .filter(|c| self.floors.contains_key(*c))
+                        .cloned()
+                        .collect(),
+                };
+                if channels.is_empty() {
+                    return None;
+                }
+                if let Some(position) = notice.position {
+                    for channel in &channels {
+                        self.floors.insert(channel.clone(), position);
+                    }
+                }
+                Some(reset_message(&channels, notice.reason))
+            }
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Step {
+        let message: Value = match serde_json::from_str(text) {
+            Ok(message) => message,
+            Err(e) => {
+                let error =
+                    ApiError::bad_request("invalid_json", format!("message is not JSON: {e}"));
+                return self.send_error(None, &error).await;
+            }
+        };
+        let id = message
+            .get("id")
+            .filter(|id| id.is_string() || id.is_number())
+            .cloned();
+        if message
+            .get("id")
+            .is_some_and(|v| id.is_none() && !v.is_null())
+        {
+            let error =
+                ApiError::bad_request("invalid_message", "`id` must be a string or a number");
+            return self.send_error(None, &error).await;
+        }
+        let kind = message
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let result = match kind {
+            "ping" => {
+                let mut pong = json!({"type": "pong"});
+                with_id(&mut pong, id.as_ref());
+                return self.send_json(pong).await;
+            }
+            "subscribe" => match parse_subscribe(&message) {
+                Ok((channel, since)) => return self.subscribe(channel, since, id.as_ref()).await,
+                Err(e) => e,
+            },
+            "unsubscribe" => match channel_of(&message) {
+                Ok(channel) => return self.unsubscribe(channel, id.as_ref()).await,
+                Err(e) => e,
+            },
+            "" => ApiError::bad_request(
+                "invalid_message",
+                "a message needs a `type`: subscribe, unsubscribe or ping",
+            ),
+            other => ApiError::bad_request(
+                "unknown_type",
+                format!(
+                    "unknown type {:?}; expected subscribe, unsubscribe or ping",
+                    truncate(other)
+                ),
+            ),
+        };
+        self.send_error(id.as_ref(), &result).await
+    }
+
+    async fn subscribe(
+        &mut self,
+        channel: Channel,
+        since: Option<u64>,
+        id: Option<&Value>,
+    ) -> Step {
+        if self.floors.contains_key(&channel) {
+            let error = ApiError::bad_request(
+                "already_subscribed",
+                format!("already subscribed to {channel}"),
+            );
+            return self.send_error(id, &error).await;
+        }
+        let limit = self.state.config.ws_max_subscriptions as usize;
+        if self.floors.len() >= limit {
+            let error = ApiError::bad_request(
+                "too_many_subscriptions",
+                format!("a connection may hold {limit} subscriptions"),
+            );
+            return self.send_error(id, &error).await;
+        }
+        let channels = std::slice::from_ref(&channel);
+        let Attached { position, start } =
+            match self.state.attach(&self.session, channels, since).await {
+                Ok(attached) => attached,
+                Err(ApiError::Gone) => {
+                    return Err(Ending::close(
+                        code::TRY_AGAIN_LATER,
+                        "too slow; reconnect and subscribe with since",
+                        "slow",
+                    ));
+                }
+                Err(error) => return self.send_error(id, &error).await,
+            };
+        // The resume point for this channel until an event arrives on it: the current position
+        // for a fresh subscription, `since` itself for a resume (the replay follows).
+        let resume_from = match &start {
+            Start::Resume { cursor, .. } => *cursor,
+            Start::Fresh | Start::Unknown => position,
+        };
+        let mut reply =
+            json!({"type": "subscribed", "channel": channel, "position": resume_from.to_string()});
+        with_id(&mut reply, id);
+        self.send_json(reply).await?;
+        match start {
+            Start::Fresh => {
+                self.floors.insert(channel, position);
+            }
+            Start::Unknown => {
+                self.floors.insert(channel.clone(), position);
+                Stats::add(&self.state.stats.resets_sent, 1);
+                self.send(reset_message(&[channel], GapReason::UnknownPosition))
+                    .await?;
+            }
+            Start::Resume {
+                cursor,
+                replay,
+                first,
+            } => {
+                self.floors.insert(channel.clone(), cursor);
+                self.replay(&channel, replay, first, position).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the history of one channel up to `position`, then lets live events through.
+    async fn replay(
+        &mut self,
+        channel: &Channel,
+        mut replay: Box<Replay>,
+        mut first: Option<ReplayItem>,
+        position: u64,
+    ) -> Step {
+        let mut replayed = 0;
+        loop {
+            let item = match first.take() {
+                Some(item) => Some(item),
+                None => match replay.next().await {
+                    Ok(item) => item,
+                    Err(e) => {
+                        tracing::warn!(client = self.session.client, error = %e, "replay failed");
+                        self.floors.remove(channel);
+                        self.state
+                            .hub
+                            .leave(self.session.client, std::slice::from_ref(channel));
+                        let error = json!({"type": "error", "code": "unavailable", "channel": channel,
+                            "message": "history could not be read; subscribe again with since"});
+                        return self.send_json(error).await;
+                    }
+                },
+            };
+            let message = match item {
+                None => break,
+                Some(ReplayItem::Event(event)) => {
+                    let floor = self.floors.entry(channel.clone()).or_default();
+                    if event.seq <= *floor {
+                        continue;
+                    }
+                    *floor = event.seq;
+                    match ws_event(&event) {
+                        Ok(text) => {
+                            replayed += 1;
+                            Message::Text(text)
+                        }
+                        Err(e) => {
+                            tracing::warn!(seq = event.seq, error = %e, "skipping malformed event");
+                            continue;
+                        }
+                    }
+                }
+                Some(ReplayItem::Gap(channel, reason)) => {
+                    Stats::add(&self.state.stats.resets_sent, 1);
+                    reset_message(&[channel], reason)
+                }
+            };
+            self.socket
+                .feed(message)
+                .await
+                .map_err(|_| Ending::quiet("write_error"))?;
+        }
+        self.socket
+            .flush()
+            .await
+            .map_err(|_| Ending::quiet("write_error"))?;
+        let floor = self.floors.entry(channel.clone()).or_default();
+        *floor = (*floor).max(position);
+        self.sent += replayed;
+        Stats::add(&self.state.stats.events_replayed, replayed);
+        Stats::add(&self.state.stats.events_delivered, replayed);
+        Ok(())
+    }
+
+    async fn unsubscribe(&mut self, channel: Channel, id: Option<&Value>) -> Step {
+        if self.floors.remove(&channel).is_none() {
+            let error =
+                ApiError::bad_request("not_subscribed", format!("not subscribed to {channel}"));
+            return self.send_error(id, &error).await;
+        }
+        self.state
+            .hub
+            .leave(self.session.client, std::slice::from_ref(&channel));
+        let mut reply = json!({"type": "unsubscribed", "channel": channel});
+        with_id(&mut reply, id);
+        self.send_json(reply).await
+    }
+}
+
+fn receive_error(error: axum::Error) -> Ending {
+    match error.into_inner().downcast::<tungstenite::Error>() {
+        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => Ending::close(
+            code::TOO_BIG,
+            "message too big (WS_MAX_MESSAGE_BYTES)",
+            "message_too_big",
+        ),
+        _ => Ending::quiet("read_error"),
+    }
+}
+
+fn with_id(reply: &mut Value, id: Option<&Value>) {
+    if let (Some(id), Some(object)) = (id, reply.as_object_mut()) {
+        object.insert("id".into(), id.clone());
+    }
+}
+
+fn reset_message(channels: &[Channel], reason: GapReason) -> Message {
+    let text = json!({"type": "reset", "channels": channels, "reason": reason.as_str()});
+    Message::Text(text.to_string().into())
+}
+
+fn truncate(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+fn channel_of(message: &Value) -> Result<Channel, ApiError> {
+    let name = match message.get("channel") {
+        Some(Value::String(name)) => name,
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_channel",
+                "`channel` must be a string",
+            ));
+        }
+        None => {
+            return Err(ApiError::bad_request(
+                "missing_channel",
+                "`channel` is required",
+            ));
+        }
+    };
+    Channel::parse(name).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_channel",
+            format!("channel {:?}: {e}", truncate(name)),
+        )
+    })
+}
+
+fn parse_subscribe(message: &Value) -> Result<(Channel, Option<u64>), ApiError> {
+    let channel = channel_of(message)?;
+    let since = match message.get("since") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(parse_cursor(text)),
+        Some(Value::Number(n)) => Some(
+            n.as_u64()
+                .ok_or_else(|| eventgate_broker::history::CursorError(n.to_string())),
+        ),
+        Some(other) => Some(Err(eventgate_broker::history::CursorError(truncate(
+            &other.to_string(),
+        )))),
+    };
+    let since = since
+        .transpose()
+        .map_err(|e| ApiError::bad_request("invalid_since", e.to_string()))?;
+    Ok((channel, since))
+}
