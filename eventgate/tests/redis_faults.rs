@@ -135,6 +135,11 @@ async fn redis_restart_with_persistence_loses_nothing_for_connected_clients() {
         expected.push(stack.publish_one("orders", json!(n)).await);
     }
 
+    let publisher_ready = || async {
+        let url = format!("{}/readyz", stack.publisher.url);
+        stack.http.get(url).send().await.expect("readyz").status()
+    };
+    assert_eq!(publisher_ready().await, StatusCode::OK);
     stack.redis.as_mut().expect("redis").stop().await;
     assert!(
         wait_until(SOON, || async {
@@ -143,6 +148,7 @@ async fn redis_restart_with_persistence_loses_nothing_for_connected_clients() {
         .await,
         "/readyz turns 503 while Redis is down"
     );
+    assert_eq!(publisher_ready().await, StatusCode::SERVICE_UNAVAILABLE);
     let started = Instant::now();
     let (status, body) = stack
         .post_publish(r#"{"channel":"orders","data":1}"#, "application/json")
@@ -153,12 +159,38 @@ async fn redis_restart_with_persistence_loses_nothing_for_connected_clients() {
         started.elapsed() < Duration::from_secs(5),
         "the publisher fails fast"
     );
+    let started = Instant::now();
+    let refused =
+        SseClient::connect(&stack.http, &stack.events_url(0, "channel=orders"), None).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a new stream waits REDIS_TIMEOUT, then 503"
+    );
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.error_body().await["error"]["code"], "unavailable");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let mut ws = WsClient::connect(&stack.ws_url(0)).await;
+    let error = ws
+        .request(json!({"type": "subscribe", "channel": "orders", "id": 1}))
+        .await;
+    assert_eq!(
+        (error["code"].as_str(), error["id"].as_i64()),
+        (Some("unavailable"), Some(1)),
+        "{error}"
+    );
+    assert_eq!(
+        ws.request(json!({"type": "ping"})).await["type"],
+        "pong",
+        "the socket stays open"
+    );
 
     stack.redis.as_mut().expect("redis").restart().await;
     assert!(
         stack.wait_ready(0, SOON).await,
         "the gateway recovers by itself"
     );
+    assert_eq!(publisher_ready().await, StatusCode::OK);
     let deadline = Instant::now() + SOON;
     for n in 20..40 {
         loop {
