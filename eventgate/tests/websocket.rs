@@ -314,20 +314,39 @@ async fn a_silent_peer_is_closed_by_the_heartbeat(backend: Backend) {
     let mut options = Options::default();
     options.gateway.heartbeat_interval = Duration::from_millis(200);
     let stack = Stack::start_with(backend, options).await;
-    // A client that never reads never answers the server's pings.
-    let mut silent = WsClient::connect(&stack.ws_url(0)).await;
+    // A peer that answers nothing: after the handshake, only raw bytes are read.
+    let silent = WsClient::connect(&stack.ws_url(0)).await;
+    let tokio_tungstenite::MaybeTlsStream::Plain(mut raw) = silent.stream.into_inner() else {
+        panic!("plain TCP expected");
+    };
     assert!(
         wait_until(SOON, || async {
             stack.stats(0).await["connections_ws"] == 1
         })
         .await
     );
-    let closed = wait_until(SOON, || async {
-        stack.stats(0).await["connections_ws"] == 0
-    })
+    let mut bytes = Vec::new();
+    let read = tokio::time::timeout(
+        SOON,
+        tokio::io::AsyncReadExt::read_to_end(&mut raw, &mut bytes),
+    )
     .await;
-    assert!(closed, "the silent connection was closed");
-    assert_eq!(silent.expect_close(SOON).await.code(), Some(1011));
+    assert!(read.is_ok(), "the server closed the silent connection");
+    // Server frames are unmasked: FIN+close opcode, length 2 + reason, then the code.
+    let close = bytes
+        .windows(4)
+        .position(|w| w[0] == 0x88 && w[2..] == 1011u16.to_be_bytes());
+    assert!(
+        close.is_some(),
+        "a close frame with 1011 came after the pings: {bytes:?}"
+    );
+    assert!(bytes.starts_with(&[0x89, 0x00]), "the server pinged first");
+    assert!(
+        wait_until(SOON, || async {
+            stack.stats(0).await["connections_ws"] == 0
+        })
+        .await
+    );
 
     // A client that reads answers pings (tungstenite does) and stays.
     let mut alive = WsClient::connect(&stack.ws_url(0)).await;

@@ -11,10 +11,12 @@ use std::{
         Arc, Mutex, MutexGuard, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
+    task::{Context, Poll},
 };
 
 use eventgate_broker::{Channel, GapReason};
-use tokio::sync::{Notify, mpsc};
+use futures::task::AtomicWaker;
+use tokio::sync::mpsc;
 
 use crate::{frame::Frame, live::LiveCommand};
 
@@ -25,6 +27,8 @@ pub enum Delivery {
     /// Everything up to this seq on the client's channels is already in its queue.
     Position(u64),
     Reset(Arc<ResetNotice>),
+    /// Time to show the connection is alive (`: ping`, or a WebSocket ping).
+    Heartbeat,
 }
 
 /// History is incomplete for some channels.
@@ -42,15 +46,18 @@ pub struct ResetNotice {
 pub enum CloseReason {
     /// The client did not keep up and its queue filled.
     Slow,
+    /// The gateway is shutting down.
+    Shutdown,
 }
 
 /// A client's bounded queue: the hub pushes, the client's writer takes everything at once.
 ///
-/// Not `tokio::sync::mpsc` because a full queue must be emptied by the *sender* side, right
-/// away, and tell the receiver why it ended.
+/// Not `tokio::sync::mpsc`: a full queue must be emptied by the *sender* side, right away, and
+/// tell the receiver why it ended. The writer is woken only when the queue turns non-empty, so
+/// a burst costs one wake-up.
 pub struct ClientQueue {
     state: Mutex<QueueState>,
-    notify: Notify,
+    waker: AtomicWaker,
     capacity: usize,
 }
 
@@ -60,13 +67,13 @@ struct QueueState {
 }
 
 impl ClientQueue {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, closed: Option<CloseReason>) -> Self {
         Self {
             state: Mutex::new(QueueState {
                 items: VecDeque::new(),
-                closed: None,
+                closed,
             }),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
             capacity,
         }
     }
@@ -82,34 +89,54 @@ impl ClientQueue {
             return false;
         }
         if state.items.len() >= self.capacity {
-            state.items = VecDeque::new();
-            state.closed = Some(CloseReason::Slow);
             drop(state);
-            self.notify.notify_one();
+            self.close(CloseReason::Slow);
             return false;
         }
+        let was_empty = state.items.is_empty();
         state.items.push_back(item);
         drop(state);
-        self.notify.notify_one();
+        if was_empty {
+            self.waker.wake();
+        }
         true
     }
 
-    /// Waits for deliveries and moves all of them into `out` (which must be empty), or
-    /// returns why the queue closed.
-    pub async fn recv(&self, out: &mut VecDeque<Delivery>) -> Result<(), CloseReason> {
-        loop {
-            {
-                let mut state = self.lock();
-                if let Some(reason) = state.closed {
-                    return Err(reason);
-                }
-                if !state.items.is_empty() {
-                    std::mem::swap(&mut state.items, out);
-                    return Ok(());
-                }
-            }
-            self.notify.notified().await;
+    /// Closes the queue and drops what it holds; the writer sees `reason` next.
+    fn close(&self, reason: CloseReason) {
+        let mut state = self.lock();
+        if state.closed.is_none() {
+            state.closed = Some(reason);
         }
+        let dropped = std::mem::take(&mut state.items);
+        drop(state);
+        drop(dropped);
+        self.waker.wake();
+    }
+
+    /// Moves every queued delivery into `out` (which must be empty), or says why the queue
+    /// closed; `Pending` until there is one or the other.
+    pub fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Delivery>,
+    ) -> Poll<Result<(), CloseReason>> {
+        let mut state = self.lock();
+        if let Some(reason) = state.closed {
+            return Poll::Ready(Err(reason));
+        }
+        if state.items.is_empty() {
+            // Registered under the lock: a push after this sees `was_empty` and wakes us.
+            self.waker.register(cx.waker());
+            return Poll::Pending;
+        }
+        std::mem::swap(&mut state.items, out);
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits for deliveries; see [`ClientQueue::poll_recv`].
+    pub async fn recv(&self, out: &mut VecDeque<Delivery>) -> Result<(), CloseReason> {
+        std::future::poll_fn(|cx| self.poll_recv(cx, out)).await
     }
 }
 
@@ -150,6 +177,8 @@ struct HubState {
     channels: HashMap<Channel, Vec<Member>>,
     clients: HashMap<u64, ClientEntry>,
     next_client: u64,
+    /// Set on shutdown: clients registered later start closed.
+    closed: Option<CloseReason>,
 }
 
 /// Local fan-out: channel → subscribers. Locks are never held across an `.await`.
@@ -180,8 +209,8 @@ impl Hub {
 
     /// Adds a client with no channels yet.
     pub fn register(&self) -> (u64, Arc<ClientQueue>) {
-        let queue = Arc::new(ClientQueue::new(self.queue_capacity));
         let mut state = self.lock();
+        let queue = Arc::new(ClientQueue::new(self.queue_capacity, state.closed));
         let id = state.next_client;
         state.next_client += 1;
         state.clients.insert(
@@ -310,6 +339,18 @@ impl Hub {
                 Stats::add(&self.stats.slow_clients_dropped, 1);
                 self.remove_locked(state, client);
             }
+        }
+    }
+
+    /// Closes every client's queue (shutdown); clients registered later start closed.
+    pub fn close_all(&self, reason: CloseReason) {
+        let queues: Vec<Arc<ClientQueue>> = {
+            let mut state = self.lock();
+            state.closed = Some(reason);
+            state.clients.values().map(|c| c.queue.clone()).collect()
+        };
+        for queue in queues {
+            queue.close(reason);
         }
     }
 

@@ -91,6 +91,11 @@ impl Gateway {
             &mut tasks,
             shutdown.clone(),
         );
+        tasks.spawn(heartbeat_and_shutdown(
+            hub.clone(),
+            config.heartbeat_interval,
+            shutdown.clone(),
+        ));
         let state = Arc::new(GatewayState {
             broker_timeout: broker.timeout(),
             config,
@@ -112,18 +117,49 @@ impl Gateway {
         let listener = listener::GatewayListener::new(listener, self.state.config.write_timeout);
         let server = axum::serve(listener, app(self.state.clone()))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::pin!(deadline);
         let result = tokio::select! {
             result = server => result,
-            _ = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(grace).await;
-            } => {
-                tracing::warn!(?grace, "connections still open at the shutdown deadline");
-                Ok(())
-            }
+            _ = &mut deadline => Ok(()),
         };
+        // Upgraded WebSockets are not connections axum waits for: close every queue (again, in
+        // case the heartbeat task has not yet) and wait for the sessions to end.
+        self.state.hub.close_all(hub::CloseReason::Shutdown);
+        let open = || {
+            let s = &self.state.stats;
+            s.connections_sse.load(Ordering::Relaxed) + s.connections_ws.load(Ordering::Relaxed)
+        };
+        tokio::select! {
+            _ = async {
+                while open() > 0 {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            } => {}
+            _ = &mut deadline => tracing::warn!(?grace, open = open(), "connections still open at the shutdown deadline"),
+        }
         self.tasks.shutdown().await;
         result
+    }
+}
+
+/// One replica-wide timer instead of one per connection: every `HEARTBEAT_INTERVAL` each
+/// client gets a heartbeat through its queue; on shutdown every queue is closed, which ends
+/// SSE streams and closes WebSockets with 1001.
+async fn heartbeat_and_shutdown(hub: Arc<Hub>, interval: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                hub.close_all(hub::CloseReason::Shutdown);
+                return;
+            }
+            _ = tick.tick() => hub.broadcast(hub::Delivery::Heartbeat),
+        }
     }
 }
 

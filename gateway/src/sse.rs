@@ -4,7 +4,14 @@
 //! client that saw no event resumes exactly), then any `event: reset`, the replay of missed
 //! history, and live events. Each live event is written from the bytes the hub rendered once.
 
-use std::{collections::VecDeque, convert::Infallible, sync::Arc};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
 
 use axum::{
     body::Body,
@@ -14,8 +21,7 @@ use axum::{
 };
 use bytes::{Bytes, BytesMut};
 use eventgate_broker::{Channel, GapReason, Replay, ReplayItem, parse_cursor};
-use tokio::time::{Instant, Interval};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 
 use crate::{
     GatewayState,
@@ -100,14 +106,8 @@ pub async fn events(
     let attached = state
         .attach(&session, &request.channels, request.cursor)
         .await?;
-    let writer = SseWriter::new(session, request.channels, attached, &state);
-    let body = Body::from_stream(futures::stream::unfold(writer, |mut writer| async move {
-        writer
-            .next_chunk()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(chunk), writer))
-    }));
-    let mut response = body.into_response();
+    let body = SseBody::new(session, request.channels, attached, &state);
+    let mut response = Body::new(body).into_response();
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -118,11 +118,93 @@ pub async fn events(
     Ok(response)
 }
 
-/// Largest replay chunk handed to the connection at once.
-const REPLAY_CHUNK: usize = 64 * 1024;
+/// Largest chunk handed to the connection at once (replay pages, coalesced live events).
+const CHUNK: usize = 64 * 1024;
 
-/// Produces one client's stream.
-struct SseWriter {
+/// One step of a replay, run as a boxed future inside the body.
+struct ReplayStep {
+    /// The replay, unless it is finished (or failed).
+    replay: Option<Box<Replay>>,
+    bytes: Bytes,
+    floor: u64,
+    replayed: u64,
+    resets: u64,
+    failed: bool,
+}
+
+/// Replays up to [`CHUNK`] bytes; at the end moves the position to `position`.
+async fn replay_chunk(
+    mut replay: Box<Replay>,
+    mut first: Option<ReplayItem>,
+    mut floor: u64,
+    position: u64,
+) -> ReplayStep {
+    let mut out = BytesMut::new();
+    let (mut replayed, mut resets) = (0, 0);
+    while out.len() < CHUNK {
+        let item = match first.take() {
+            Some(item) => Some(item),
+            None => match replay.next().await {
+                Ok(item) => item,
+                Err(e) => {
+                    tracing::warn!(error = %e, "replay failed; ending stream");
+                    return ReplayStep {
+                        replay: None,
+                        bytes: out.freeze(),
+                        floor,
+                        replayed,
+                        resets,
+                        failed: true,
+                    };
+                }
+            },
+        };
+        match item {
+            Some(ReplayItem::Event(event)) if event.seq > floor => {
+                match write_sse_event(&event, &mut out) {
+                    Ok(()) => replayed += 1,
+                    Err(e) => {
+                        tracing::warn!(seq = event.seq, error = %e, "skipping malformed event")
+                    }
+                }
+                floor = event.seq;
+            }
+            Some(ReplayItem::Event(_)) => {}
+            Some(ReplayItem::Gap(channel, reason)) => {
+                resets += 1;
+                out.extend_from_slice(&sse_reset(&[channel], reason, None));
+            }
+            None => {
+                if position > floor {
+                    floor = position;
+                    out.extend_from_slice(&sse_position(position));
+                }
+                return ReplayStep {
+                    replay: None,
+                    bytes: out.freeze(),
+                    floor,
+                    replayed,
+                    resets,
+                    failed: false,
+                };
+            }
+        }
+    }
+    ReplayStep {
+        replay: Some(replay),
+        bytes: out.freeze(),
+        floor,
+        replayed,
+        resets,
+        failed: false,
+    }
+}
+
+type ReplayFuture = Pin<Box<dyn Future<Output = ReplayStep> + Send>>;
+
+/// One client's stream, polled by hyper: the prelude, the replay, then the client's queue.
+/// Written as a `Body` rather than an async stream so the live path is one `poll_recv`.
+struct SseBody {
     session: Session,
     channels: Vec<Channel>,
     /// Highest seq this client has been given (events or position lines). Live deliveries at
@@ -131,10 +213,8 @@ struct SseWriter {
     /// The broker position when the subscription went live; the replay ends there.
     position: u64,
     prelude: Option<Bytes>,
-    replay: Option<(Box<Replay>, Option<ReplayItem>)>,
+    replay: Option<ReplayFuture>,
     pending: VecDeque<Delivery>,
-    heartbeat: Interval,
-    shutdown: CancellationToken,
     stats: Arc<Stats>,
     finished: bool,
     /// Events written to this client.
@@ -145,7 +225,7 @@ struct SseWriter {
     end: &'static str,
 }
 
-impl SseWriter {
+impl SseBody {
     fn new(
         session: Session,
         channels: Vec<Channel>,
@@ -156,23 +236,24 @@ impl SseWriter {
         let base = state.config.sse_retry.as_millis() as u64;
         let retry = base + rand::random_range(0..=base / 2);
         let mut prelude = BytesMut::from(format!("retry: {retry}\n").as_bytes());
-        let (floor, replay, unknown) = match start {
-            Start::Fresh => (position, None, false),
-            Start::Unknown => (position, None, true),
+        let unknown = matches!(start, Start::Unknown);
+        let (floor, replay) = match start {
+            Start::Fresh => (position, None),
+            Start::Unknown => (position, None),
             Start::Resume {
                 cursor,
                 replay,
                 first,
-            } => (cursor, Some((replay, first)), false),
+            } => {
+                let step: ReplayFuture = Box::pin(replay_chunk(replay, first, cursor, position));
+                (cursor, Some(step))
+            }
         };
         prelude.extend_from_slice(&sse_position(floor));
         if unknown {
             prelude.extend_from_slice(&sse_reset(&channels, GapReason::UnknownPosition, None));
             Stats::add(&state.stats.resets_sent, 1);
         }
-        let interval = state.config.heartbeat_interval;
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self {
             session,
             channels,
@@ -181,8 +262,6 @@ impl SseWriter {
             prelude: Some(prelude.freeze()),
             replay,
             pending: VecDeque::new(),
-            heartbeat,
-            shutdown: state.shutdown.clone(),
             stats: state.stats.clone(),
             finished: false,
             sent: 0,
@@ -192,100 +271,77 @@ impl SseWriter {
         }
     }
 
-    /// The next bytes to write, or `None` to end the stream.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
-        if self.finished {
-            return None;
-        }
-        if let Some(prelude) = self.prelude.take() {
-            return Some(prelude);
-        }
-        if self.replay.is_some() {
-            if self.shutdown.is_cancelled() {
-                return self.finish("shutdown", None);
-            }
-            let chunk = self.replay_chunk().await;
-            if !chunk.is_empty() {
-                return Some(chunk);
-            }
-            if self.finished {
-                return None;
-            }
-        }
+    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         loop {
-            while let Some(delivery) = self.pending.pop_front() {
-                if let Some(bytes) = self.render(delivery) {
-                    return Some(bytes);
+            if self.finished {
+                return Poll::Ready(None);
+            }
+            if let Some(prelude) = self.prelude.take() {
+                return Poll::Ready(Some(prelude));
+            }
+            if let Some(step) = self.replay.as_mut() {
+                let step = ready!(step.as_mut().poll(cx));
+                self.floor = step.floor;
+                self.sent += step.replayed;
+                Stats::add(&self.stats.events_replayed, step.replayed);
+                Stats::add(&self.stats.events_delivered, step.replayed);
+                Stats::add(&self.stats.resets_sent, step.resets);
+                self.replay = step.replay.map(|r| {
+                    Box::pin(replay_chunk(r, None, step.floor, self.position)) as ReplayFuture
+                });
+                if step.failed {
+                    self.finish("broker_error");
                 }
+                if !step.bytes.is_empty() {
+                    return Poll::Ready(Some(step.bytes));
+                }
+                continue;
+            }
+            if let Some(chunk) = self.render_pending() {
+                return Poll::Ready(Some(chunk));
             }
             // Counted per batch, not per event: the counter is shared by every writer.
             Stats::add(
                 &self.stats.events_delivered,
                 std::mem::take(&mut self.uncounted),
             );
-            tokio::select! {
-                biased;
-                _ = self.shutdown.cancelled() => return self.finish("shutdown", None),
-                received = self.session.queue.recv(&mut self.pending) => {
-                    if let Err(CloseReason::Slow) = received {
-                        let note = Bytes::from_static(b": disconnected: too slow; reconnect to resume\n\n");
-                        return self.finish("slow", Some(note));
-                    }
+            match ready!(self.session.queue.poll_recv(cx, &mut self.pending)) {
+                Ok(()) => {}
+                Err(CloseReason::Slow) => {
+                    self.finish("slow");
+                    return Poll::Ready(Some(Bytes::from_static(
+                        b": disconnected: too slow; reconnect to resume\n\n",
+                    )));
                 }
-                _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": ping\n\n")),
+                Err(CloseReason::Shutdown) => self.finish("shutdown"),
             }
         }
     }
 
-    /// Up to [`REPLAY_CHUNK`] bytes of replayed history; ends the replay with a position line.
-    async fn replay_chunk(&mut self) -> Bytes {
-        let mut out = BytesMut::new();
-        let mut replayed = 0;
-        while out.len() < REPLAY_CHUNK {
-            let Some((replay, first)) = self.replay.as_mut() else {
+    /// Renders queued deliveries into one chunk: one shared frame as is, several copied
+    /// together (fewer chunks and writes for hyper).
+    fn render_pending(&mut self) -> Option<Bytes> {
+        let mut first: Option<Bytes> = None;
+        let mut joined: Option<BytesMut> = None;
+        while let Some(delivery) = self.pending.pop_front() {
+            let Some(bytes) = self.render(delivery) else {
+                continue;
+            };
+            match (&mut first, &mut joined) {
+                (None, _) => first = Some(bytes),
+                (Some(one), None) => {
+                    let mut buf = BytesMut::with_capacity(CHUNK.min(one.len() + bytes.len() * 8));
+                    buf.extend_from_slice(one);
+                    buf.extend_from_slice(&bytes);
+                    joined = Some(buf);
+                }
+                (Some(_), Some(buf)) => buf.extend_from_slice(&bytes),
+            }
+            if joined.as_ref().is_some_and(|b| b.len() >= CHUNK) {
                 break;
-            };
-            let item = match first.take() {
-                Some(item) => Some(item),
-                None => match replay.next().await {
-                    Ok(item) => item,
-                    Err(e) => {
-                        tracing::warn!(client = self.session.client, error = %e, "replay failed; ending stream");
-                        self.replay = None;
-                        self.finished = true;
-                        self.end = "broker_error";
-                        break;
-                    }
-                },
-            };
-            match item {
-                Some(ReplayItem::Event(event)) if event.seq > self.floor => {
-                    match write_sse_event(&event, &mut out) {
-                        Ok(()) => replayed += 1,
-                        Err(e) => {
-                            tracing::warn!(seq = event.seq, error = %e, "skipping malformed event")
-                        }
-                    }
-                    self.floor = event.seq;
-                }
-                Some(ReplayItem::Event(_)) => {}
-                Some(ReplayItem::Gap(channel, reason)) => {
-                    Stats::add(&self.stats.resets_sent, 1);
-                    out.extend_from_slice(&sse_reset(&[channel], reason, None));
-                }
-                None => {
-                    self.replay = None;
-                    if self.position > self.floor {
-                        self.floor = self.position;
-                        out.extend_from_slice(&sse_position(self.position));
-                    }
-                }
             }
         }
-        self.sent += replayed;
-        Stats::add(&self.stats.events_replayed, replayed);
-        Stats::add(&self.stats.events_delivered, replayed);
-        out.freeze()
+        joined.map(BytesMut::freeze).or(first)
     }
 
     fn render(&mut self, delivery: Delivery) -> Option<Bytes> {
@@ -297,11 +353,12 @@ impl SseWriter {
                 Some(frame.sse.clone())
             }
             Delivery::Event(_) => None,
-            Delivery::Position(seq) if seq > self.floor => {
+            Delivery::Position(seq) if seq > self.floor && self.replay.is_none() => {
                 self.floor = seq;
                 Some(sse_position(seq))
             }
             Delivery::Position(_) => None,
+            Delivery::Heartbeat => Some(Bytes::from_static(b": ping\n\n")),
             Delivery::Reset(notice) => {
                 let channels: Vec<Channel> = match &notice.channels {
                     None => self.channels.clone(),
@@ -322,14 +379,31 @@ impl SseWriter {
         }
     }
 
-    fn finish(&mut self, end: &'static str, last: Option<Bytes>) -> Option<Bytes> {
+    fn finish(&mut self, end: &'static str) {
         self.finished = true;
         self.end = end;
-        last
     }
 }
 
-impl Drop for SseWriter {
+impl http_body::Body for SseBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .poll_chunk(cx)
+            .map(|chunk| chunk.map(|bytes| Ok(http_body::Frame::data(bytes))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+}
+
+impl Drop for SseBody {
     fn drop(&mut self) {
         Stats::add(&self.stats.events_delivered, self.uncounted);
         tracing::info!(

@@ -100,6 +100,9 @@ impl Ending {
 
 type Step = Result<(), Ending>;
 
+/// How long a closing connection waits for the peer's close frame.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 struct WsConnection {
     state: Arc<GatewayState>,
     session: Session,
@@ -111,6 +114,8 @@ struct WsConnection {
     sent: u64,
     uncounted: u64,
     opened: Instant,
+    /// When the peer last sent anything (a pong included).
+    last_heard: Instant,
 }
 
 impl WsConnection {
@@ -125,6 +130,7 @@ impl WsConnection {
             sent: 0,
             uncounted: 0,
             opened: Instant::now(),
+            last_heard: Instant::now(),
         }
     }
 
@@ -138,10 +144,18 @@ impl WsConnection {
                 code,
                 reason: Utf8Bytes::from_static(reason),
             };
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                self.socket.send(Message::Close(Some(frame))),
-            )
+            // The closing handshake: send our close, then read until the peer's (it may first
+            // flush pongs) so it sees the code instead of a reset connection. Bounded: a dead
+            // peer never answers.
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                self.socket.send(Message::Close(Some(frame))).await?;
+                while let Some(message) = self.socket.recv().await {
+                    if let Message::Close(_) = message? {
+                        break;
+                    }
+                }
+                Ok::<_, axum::Error>(())
+            })
             .await;
         }
         Stats::add(&self.state.stats.events_delivered, self.uncounted);
@@ -160,16 +174,8 @@ impl WsConnection {
     async fn serve(&mut self) -> Step {
         let hello = json!({"type": "connected", "connection_id": self.id.to_string(), "replica": self.state.replica});
         self.send_json(hello).await?;
-        let interval = self.state.config.heartbeat_interval;
-        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heard = Instant::now();
-        let shutdown = self.state.shutdown.clone();
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    return Err(Ending::close(code::GOING_AWAY, "server shutting down; reconnect", "shutdown"));
-                }
                 received = self.session.queue.recv(&mut self.pending) => match received {
                     Ok(()) => self.flush_pending().await?,
                     Err(CloseReason::Slow) => {
@@ -179,9 +185,12 @@ impl WsConnection {
                             "slow",
                         ));
                     }
+                    Err(CloseReason::Shutdown) => {
+                        return Err(Ending::close(code::GOING_AWAY, "server shutting down; reconnect", "shutdown"));
+                    }
                 },
                 message = self.socket.recv() => {
-                    last_heard = Instant::now();
+                    self.last_heard = Instant::now();
                     match message {
                         None | Some(Ok(Message::Close(_))) => return Ok(()),
                         Some(Err(e)) => return Err(receive_error(e)),
@@ -195,12 +204,6 @@ impl WsConnection {
                         }
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                     }
-                }
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > interval * 2 {
-                        return Err(Ending::close(code::INTERNAL, "no answer to pings", "heartbeat_timeout"));
-                    }
-                    self.send(Message::Ping(Bytes::new())).await?;
                 }
             }
         }
@@ -228,6 +231,16 @@ impl WsConnection {
     async fn flush_pending(&mut self) -> Step {
         let mut wrote = false;
         while let Some(delivery) = self.pending.pop_front() {
+            if let Delivery::Heartbeat = delivery {
+                // Pings go out every HEARTBEAT_INTERVAL; a peer silent for two is gone.
+                if self.last_heard.elapsed() > self.state.config.heartbeat_interval * 2 {
+                    return Err(Ending::close(
+                        code::INTERNAL,
+                        "no answer to pings",
+                        "heartbeat_timeout",
+                    ));
+                }
+            }
             if let Some(message) = self.render(delivery) {
                 self.socket
                     .feed(message)
@@ -262,6 +275,7 @@ impl WsConnection {
                 Some(Message::Text(frame.ws_text()))
             }
             Delivery::Position(_) => None,
+            Delivery::Heartbeat => Some(Message::Ping(Bytes::new())),
             Delivery::Reset(notice) => {
                 let channels: Vec<Channel> = match &notice.channels {
                     None => self.floors.keys().cloned().collect(),
