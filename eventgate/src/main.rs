@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use eventgate_broker::{Broker, BrokerConfig};
 use eventgate_gateway::GatewayConfig;
 use eventgate_publisher::PublisherConfig;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
 /// Real-time event gateway: backends publish, browsers receive over Server-Sent Events, with
@@ -213,9 +213,22 @@ fn redis_context(config: &BrokerConfig) -> String {
     )
 }
 
+/// Pending connections the kernel queues for us (capped by `net.core.somaxconn`). Tokio's
+/// `bind` asks for 128, which a reconnect storm overflows: dropped SYNs cost clients a second.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr, role: &str) -> Result<TcpListener, Failure> {
-    TcpListener::bind(addr)
-        .await
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen()
         .with_context(|| format!("cannot listen on {addr} for the {role}"))
         .map_err(|e| Failure(EX_OSERR, e))
 }

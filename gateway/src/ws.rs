@@ -55,6 +55,10 @@ pub async fn upgrade(
     let session = state.new_session(Transport::WebSocket)?;
     let limit = state.config.ws_max_message_bytes as usize;
     Ok(upgrade
+        // tungstenite zero-fills its read buffer (128 KiB by default) on every connection;
+        // client messages are small, so read in 4 KiB steps (a larger message still fits).
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(8 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| WsConnection::new(state, session, socket).run()))

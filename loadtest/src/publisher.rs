@@ -70,6 +70,8 @@ impl HttpConn {
             let request = Request::post(path)
                 .header(header::HOST, host)
                 .header(header::CONTENT_TYPE, "application/json")
+                // nchan answers with the channel's `last_message_id` in JSON.
+                .header(header::ACCEPT, "application/json")
                 .body(Full::new(body.clone()))?;
             match sender.send_request(request).await {
                 Ok(response) => {
