@@ -115,7 +115,7 @@ impl Gateway {
         let shutdown = self.state.shutdown.clone();
         let grace = self.state.config.shutdown_timeout;
         let listener = listener::GatewayListener::new(listener, self.state.config.write_timeout);
-        let server = axum::serve(listener, app(self.state.clone()))
+        let server = axum::serve(listener, app(self.state.clone()).into_make_service())
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let deadline = async {
             shutdown.cancelled().await;

@@ -56,8 +56,8 @@ pub async fn upgrade(
     let limit = state.config.ws_max_message_bytes as usize;
     Ok(upgrade
         // tungstenite zero-fills its read buffer (128 KiB by default) on every connection;
-        // client messages are small, so read in 4 KiB steps (a larger message still fits).
-        .read_buffer_size(4 * 1024)
+        // client messages are small, so read in 1 KiB steps (a larger message still fits).
+        .read_buffer_size(1024)
         .write_buffer_size(8 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
@@ -198,7 +198,9 @@ impl WsConnection {
                     match message {
                         None | Some(Ok(Message::Close(_))) => return Ok(()),
                         Some(Err(e)) => return Err(receive_error(e)),
-                        Some(Ok(Message::Text(text))) => self.on_text(&text).await?,
+                        // Boxed: subscribing (attach, replay) is a large future, and inlined
+                        // here it would make every idle connection's task that large.
+                        Some(Ok(Message::Text(text))) => Box::pin(self.on_text(&text)).await?,
                         Some(Ok(Message::Binary(_))) => {
                             return Err(Ending::close(
                                 code::UNSUPPORTED_DATA,

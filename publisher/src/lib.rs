@@ -58,7 +58,7 @@ pub async fn run(
         broker,
         shutdown: shutdown.clone(),
     });
-    let server = axum::serve(listener, app(state))
+    let server = axum::serve(listener, app(state).into_make_service())
         .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tokio::select! {
         result = server => result,
