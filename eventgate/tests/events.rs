@@ -26,6 +26,7 @@ on_both_brokers!(
     stats_count_connections_and_deliveries,
     shutdown_ends_streams,
     resume_is_exact_while_publishing_and_reconnecting,
+    a_stream_on_a_reused_keep_alive_connection_works_the_same,
 );
 
 async fn publish_delivers_the_documented_sse_frame(backend: Backend) {
@@ -589,4 +590,59 @@ async fn resume_is_exact_while_publishing_and_reconnecting(backend: Backend) {
             "client {i}: exactly its channels' events, in order"
         );
     }
+}
+
+/// A browser may send its EventSource request on a connection it already used for another
+/// request: that stream takes the general HTTP path and must look exactly the same.
+async fn a_stream_on_a_reused_keep_alive_connection_works_the_same(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let stack = Stack::start(backend).await;
+    let addr: std::net::SocketAddr = stack.gateways[0]
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr");
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .expect("first request");
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(r#"{"status":"ok"}"#) {
+        let n = tokio::time::timeout(SOON, conn.read(&mut buf))
+            .await
+            .expect("answer")
+            .expect("read");
+        assert!(n > 0, "connection closed after the first request");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    conn.write_all(b"GET /v1/events?channel=orders HTTP/1.1\r\nhost: test\r\n\r\n")
+        .await
+        .expect("second request");
+    assert!(
+        wait_until(SOON, || async {
+            stack.stats(0).await["connections_sse"] == 1
+        })
+        .await,
+        "the second request opened a stream"
+    );
+    let id = stack
+        .publish_one("orders", json!({"via": "keep-alive"}))
+        .await;
+    let mut stream = Vec::new();
+    let want = format!(
+        "id: {id}\ndata: {{\"id\":\"{id}\",\"channel\":\"orders\",\"data\":{{\"via\":\"keep-alive\"}}"
+    );
+    while !String::from_utf8_lossy(&stream).contains(&want) {
+        let n = tokio::time::timeout(SOON, conn.read(&mut buf))
+            .await
+            .expect("event")
+            .expect("read");
+        assert!(n > 0, "stream closed: {}", String::from_utf8_lossy(&stream));
+        stream.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&stream);
+    assert!(text.contains("content-type: text/event-stream"), "{text}");
+    assert!(text.contains("retry: "), "{text}");
 }

@@ -1,7 +1,6 @@
 //! The gateway's HTTP errors: one type, one place that renders `{"error":{"code","message"}}`.
 
 use axum::{
-    Json,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -66,18 +65,29 @@ impl From<BrokerError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// Status and JSON body, for any transport that writes its own response.
+    pub fn render(&self) -> (StatusCode, String) {
         let (status, code) = self.status_and_code();
-        if let ApiError::Unavailable(Some(cause)) = &self {
+        if let ApiError::Unavailable(Some(cause)) = self {
             tracing::warn!(error = %cause, "answering 503");
         }
-        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        let body = json!({"error": {"code": code, "message": self.to_string()}});
+        (status, body.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.render();
         let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }

@@ -11,8 +11,8 @@ pub mod config;
 pub mod error;
 pub mod frame;
 pub mod hub;
-pub mod listener;
 pub mod live;
+pub mod server;
 pub mod session;
 pub mod sse;
 pub mod ws;
@@ -112,35 +112,11 @@ impl Gateway {
     /// Serves HTTP on `listener` until the shutdown token is cancelled, then ends every stream
     /// and returns once connections are closed or `SHUTDOWN_TIMEOUT` has passed.
     pub async fn serve(mut self, listener: TcpListener) -> io::Result<()> {
-        let shutdown = self.state.shutdown.clone();
         let grace = self.state.config.shutdown_timeout;
-        let listener = listener::GatewayListener::new(listener, self.state.config.write_timeout);
-        let server = axum::serve(listener, app(self.state.clone()).into_make_service())
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let deadline = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        };
-        tokio::pin!(deadline);
-        let result = tokio::select! {
-            result = server => result,
-            _ = &mut deadline => Ok(()),
-        };
-        // Upgraded WebSockets are not connections axum waits for: close every queue (again, in
-        // case the heartbeat task has not yet) and wait for the sessions to end.
+        let app = app(self.state.clone());
+        let result = server::serve(listener, self.state.clone(), app, grace).await;
+        // Every stream has ended (or the deadline passed); stop the live connection last.
         self.state.hub.close_all(hub::CloseReason::Shutdown);
-        let open = || {
-            let s = &self.state.stats;
-            s.connections_sse.load(Ordering::Relaxed) + s.connections_ws.load(Ordering::Relaxed)
-        };
-        tokio::select! {
-            _ = async {
-                while open() > 0 {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            } => {}
-            _ = &mut deadline => tracing::warn!(?grace, open = open(), "connections still open at the shutdown deadline"),
-        }
         self.tasks.shutdown().await;
         result
     }

@@ -204,7 +204,7 @@ type ReplayFuture = Pin<Box<dyn Future<Output = ReplayStep> + Send>>;
 
 /// One client's stream, polled by hyper: the prelude, the replay, then the client's queue.
 /// Written as a `Body` rather than an async stream so the live path is one `poll_recv`.
-struct SseBody {
+pub(crate) struct SseBody {
     session: Session,
     channels: Vec<Channel>,
     /// Highest seq this client has been given (events or position lines). Live deliveries at
@@ -226,7 +226,7 @@ struct SseBody {
 }
 
 impl SseBody {
-    fn new(
+    pub(crate) fn new(
         session: Session,
         channels: Vec<Channel>,
         attached: Attached,
@@ -271,7 +271,7 @@ impl SseBody {
         }
     }
 
-    fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+    pub(crate) fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         loop {
             if self.finished {
                 return Poll::Ready(None);

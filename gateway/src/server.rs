@@ -1,0 +1,421 @@
+//! Accepting connections and serving HTTP.
+//!
+//! A connection whose first request is `GET /v1/events` is served here directly: the request
+//! head is parsed with `httparse` and the event stream is written straight to the socket in
+//! HTTP/1.1 chunks. A long-lived SSE stream needs nothing else of an HTTP server, and hyper
+//! would keep about 24 KiB of buffers and a dispatcher per connection for it (the bulk of an
+//! idle connection's cost, see BENCHMARKS.md). Every other connection (WebSocket upgrades,
+//! stats, health, and SSE requests that arrive on a reused keep-alive connection) goes to
+//! hyper and the axum router, with the bytes already read replayed first.
+
+use std::{
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Router,
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
+};
+use bytes::{Buf, Bytes, BytesMut};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+use tokio_io_timeout::TimeoutStream;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    GatewayState,
+    error::ApiError,
+    session::Transport,
+    sse::{SseBody, parse_request},
+};
+
+/// Longest request head accepted, in bytes.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// How long a client may take to send its request head (slow clients hold sockets).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `listener` until the gateway's shutdown token is cancelled, then stops accepting,
+/// asks hyper connections to finish and waits for every connection, at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<GatewayState>,
+    app: Router,
+    grace: Duration,
+) -> io::Result<()> {
+    let shutdown = state.shutdown.clone();
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (state, app) = (state.clone(), app.clone());
+        connections.spawn(async move {
+            if let Err(e) = connection(stream, peer, state, app).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            open = connections.len(),
+            "connections still open at the shutdown deadline"
+        );
+    }
+    Ok(())
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<GatewayState>,
+    app: Router,
+) -> io::Result<()> {
+    let mut head = BytesMut::with_capacity(1024);
+    let complete = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut head)).await;
+    match complete {
+        Err(_) => return respond_and_close(&mut stream, StatusCode::REQUEST_TIMEOUT, None).await,
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(false)) if head.len() >= MAX_HEAD => {
+            return respond_and_close(
+                &mut stream,
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                None,
+            )
+            .await;
+        }
+        Ok(Ok(_)) => {}
+    }
+    if let Some(request) = sse_request(&head) {
+        drop(head);
+        return native_sse(stream, request, &state).await;
+    }
+    // Boxed so the (larger) hyper connection does not size every native SSE task.
+    Box::pin(hyper_connection(stream, head.freeze(), peer, state, app)).await
+}
+
+/// Serves a connection with hyper and the axum router, replaying `prefix` first.
+async fn hyper_connection(
+    stream: TcpStream,
+    prefix: Bytes,
+    peer: SocketAddr,
+    state: Arc<GatewayState>,
+    app: Router,
+) -> io::Result<()> {
+    let io = TimeoutStream::new(Prefixed {
+        prefix,
+        inner: stream,
+    });
+    let mut io = Box::pin(io);
+    io.as_mut()
+        .set_write_timeout_pinned(Some(state.config.write_timeout));
+    let service = TowerToHyperService::new(app);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT);
+    let conn = builder
+        .serve_connection(TokioIo::new(io), service)
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let shutdown: CancellationToken = state.shutdown.clone();
+    // On shutdown: finish the request in flight (streams end through their queues), then close.
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    result.map_err(|e| io::Error::other(format!("{peer}: {e}")))
+}
+
+/// Reads until the first request head is complete (`Ok(true)`), the peer closes, or
+/// [`MAX_HEAD`] bytes arrived without one (`Ok(false)`).
+async fn read_head(stream: &mut TcpStream, head: &mut BytesMut) -> io::Result<bool> {
+    loop {
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            return Ok(true);
+        }
+        if head.len() >= MAX_HEAD || stream.read_buf(head).await? == 0 {
+            return Ok(false);
+        }
+    }
+}
+
+/// What the native path needs of an SSE request.
+struct SseRequest {
+    query: Option<String>,
+    headers: HeaderMap,
+}
+
+/// Recognises a plain `GET /v1/events` over HTTP/1.1 without a body; anything else is left to
+/// hyper (which also answers malformed requests).
+fn sse_request(head: &[u8]) -> Option<SseRequest> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+        return None;
+    }
+    let (path, query) = match request.path?.split_once('?') {
+        Some((path, query)) => (path, Some(query.to_owned())),
+        None => (request.path?, None),
+    };
+    if request.method != Some("GET") || path != "/v1/events" || request.version != Some(1) {
+        return None;
+    }
+    let mut map = HeaderMap::with_capacity(request.headers.len());
+    for header in request.headers.iter() {
+        let name = HeaderName::from_bytes(header.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(header.value).ok()?;
+        map.append(name, value);
+    }
+    let has_body = map.contains_key("transfer-encoding")
+        || map
+            .get("content-length")
+            .is_some_and(|v| v.as_bytes() != b"0");
+    if has_body || map.contains_key("upgrade") {
+        return None;
+    }
+    Some(SseRequest {
+        query,
+        headers: map,
+    })
+}
+
+/// Serves one SSE stream on a connection of its own.
+async fn native_sse(
+    stream: TcpStream,
+    request: SseRequest,
+    state: &GatewayState,
+) -> io::Result<()> {
+    let mut stream = stream;
+    // Boxed and dropped once done: opening (attach, first replay page) is a large future that
+    // an idle stream should not keep.
+    let opened = Box::pin(async move {
+        let parsed = parse_request(
+            request.query.as_deref(),
+            &request.headers,
+            state.config.max_channels_per_connection as usize,
+        )?;
+        drop(request);
+        let session = state.new_session(Transport::Sse)?;
+        let attached = state
+            .attach(&session, &parsed.channels, parsed.cursor)
+            .await?;
+        Ok::<_, ApiError>(SseBody::new(session, parsed.channels, attached, state))
+    });
+    let mut body = match opened.await {
+        Ok(body) => body,
+        Err(error) => {
+            let (status, json) = error.render();
+            return respond_and_close(&mut stream, status, Some(json)).await;
+        }
+    };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ndate: {}\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+         x-accel-buffering: no\r\ntransfer-encoding: chunked\r\n\r\n",
+        httpdate::fmt_http_date(SystemTime::now())
+    );
+    let timeout = state.config.write_timeout;
+    let (mut reader, mut writer) = stream.split();
+    write_with_timeout(&mut writer, head.as_bytes(), timeout).await?;
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            chunk = std::future::poll_fn(|cx| body.poll_chunk(cx)) => match chunk {
+                Some(data) => write_chunk(&mut writer, data, timeout).await?,
+                None => {
+                    write_with_timeout(&mut writer, b"0\r\n\r\n", timeout).await?;
+                    return Ok(());
+                }
+            },
+            // The client sends nothing more; a read returning means it closed (or misbehaves).
+            read = reader.read(&mut scratch) => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Writes one HTTP/1.1 chunk: size line, data, CRLF.
+async fn write_chunk(
+    writer: &mut (impl AsyncWrite + Unpin),
+    data: Bytes,
+    timeout: Duration,
+) -> io::Result<()> {
+    let size = format!("{:x}\r\n", data.len());
+    let mut parts = [Bytes::from(size), data, Bytes::from_static(b"\r\n")];
+    let work = async {
+        let mut i = 0;
+        while i < parts.len() {
+            let slices = [
+                io::IoSlice::new(&parts[i]),
+                io::IoSlice::new(parts.get(i + 1).map_or(&[][..], |p| &p[..])),
+                io::IoSlice::new(parts.get(i + 2).map_or(&[][..], |p| &p[..])),
+            ];
+            let mut n = writer.write_vectored(&slices).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            while i < parts.len() && n >= parts[i].len() {
+                n -= parts[i].len();
+                i += 1;
+            }
+            if i < parts.len() {
+                parts[i].advance(n);
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| io::ErrorKind::TimedOut)?
+}
+
+async fn write_with_timeout(
+    writer: &mut (impl AsyncWrite + Unpin),
+    data: &[u8],
+    timeout: Duration,
+) -> io::Result<()> {
+    tokio::time::timeout(timeout, writer.write_all(data))
+        .await
+        .map_err(|_| io::ErrorKind::TimedOut)?
+}
+
+/// Writes a complete response (a JSON error, or an empty one) and closes.
+async fn respond_and_close(
+    stream: &mut TcpStream,
+    status: StatusCode,
+    json: Option<String>,
+) -> io::Result<()> {
+    let body = json.unwrap_or_default();
+    let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "retry-after: 1\r\n"
+    } else {
+        ""
+    };
+    let response = format!(
+        "HTTP/1.1 {} {}\r\ndate: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        httpdate::fmt_http_date(SystemTime::now()),
+        body.len(),
+    );
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// A stream that first yields bytes already read from it (the request head the native path
+/// looked at), then reads on.
+struct Prefixed {
+    prefix: Bytes,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_sse_requests_take_the_native_path() {
+        let sse = b"GET /v1/events?channel=a HTTP/1.1\r\nhost: x\r\nlast-event-id: 5\r\n\r\n";
+        let request = sse_request(sse).expect("native");
+        assert_eq!(request.query.as_deref(), Some("channel=a"));
+        assert_eq!(request.headers["last-event-id"], "5");
+        for other in [
+            &b"GET /v1/ws HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+            b"GET /v1/events HTTP/1.0\r\nhost: x\r\n\r\n",
+            b"POST /v1/events HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
+            b"GET /v1/events HTTP/1.1\r\nupgrade: websocket\r\n\r\n",
+            b"GET /v1/eventsx HTTP/1.1\r\n\r\n",
+            b"GARBAGE\r\n\r\n",
+        ] {
+            assert!(
+                sse_request(other).is_none(),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
+}
