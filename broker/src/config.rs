@@ -28,9 +28,9 @@ pub struct BrokerConfig {
     #[arg(long, env = "REDIS_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
     pub redis_timeout: Duration,
 
-    /// Redis command connections per process (the pub/sub connection is extra).
-    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 8,
-          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    /// Multiplexed Redis command connections per process (the pub/sub connection is extra).
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
     pub redis_pool_size: u32,
 
     /// Events kept per channel for resume (approximately, on Redis).
@@ -51,7 +51,7 @@ impl BrokerConfig {
             redis_url: None,
             redis_key_prefix: "eventgate:".into(),
             redis_timeout: Duration::from_secs(2),
-            redis_pool_size: 8,
+            redis_pool_size: 4,
             history_max_len: 10_000,
             history_ttl: Duration::from_secs(24 * 3600),
         }

@@ -8,8 +8,6 @@ use std::time::Duration;
 pub enum BrokerError {
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("redis connection pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("unexpected reply from redis: {0}")]

@@ -308,3 +308,36 @@ async fn redis_restart_without_persistence_resets_connected_clients() {
         json!({"channels": ["orders"], "reason": "unknown_position"})
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_counter_set_back_by_hand_never_breaks_a_batch() {
+    let stack = Stack::start(Backend::Redis).await;
+    let mut client = stack.subscribe("channel=orders").await;
+    let before = stack.publish_one("orders", json!("before")).await;
+    assert_eq!(ids_of(&mut client, 1).await, [before]);
+    // Someone sets the counter far below what the stream already holds.
+    let _: () = stack.redis().query(&["SET", "eventgate:seq", "5"]).await;
+    let batch: Vec<_> = (0..3)
+        .map(|n| json!({"channel": "orders", "data": n}))
+        .collect();
+    let ids: Vec<u64> = stack
+        .publish(json!({"events": batch}))
+        .await
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert!(
+        ids[0] > before && ids.windows(2).all(|w| w[1] > w[0]),
+        "{before} then {ids:?}"
+    );
+    assert_eq!(
+        ids_of(&mut client, 3).await,
+        ids,
+        "the whole batch, after the old history"
+    );
+    let length: u64 = stack
+        .redis()
+        .query(&["XLEN", "eventgate:stream:orders"])
+        .await;
+    assert_eq!(length, 4);
+}

@@ -166,7 +166,7 @@ struct Subscriptions {
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 impl LiveTask {
     async fn run(mut self) {

@@ -22,6 +22,7 @@ use axum::{
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
 };
 use bytes::{Buf, Bytes, BytesMut};
+use futures::FutureExt;
 use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
@@ -251,7 +252,7 @@ async fn native_sse(
     loop {
         tokio::select! {
             chunk = std::future::poll_fn(|cx| body.poll_chunk(cx)) => match chunk {
-                Some(data) => write_chunk(&mut writer, data, timeout).await?,
+                Some(data) => write_chunk(&mut writer, &data, timeout).await?,
                 None => {
                     write_with_timeout(&mut writer, b"0\r\n\r\n", timeout).await?;
                     return Ok(());
@@ -267,39 +268,44 @@ async fn native_sse(
     }
 }
 
-/// Writes one HTTP/1.1 chunk: size line, data, CRLF.
+/// Writes one HTTP/1.1 chunk: size line, data, CRLF. The common case is one `writev` that
+/// takes everything; only a socket that cannot take it all arms the write timeout (a timer per
+/// event per client would cost more than the write).
 async fn write_chunk(
     writer: &mut (impl AsyncWrite + Unpin),
-    data: Bytes,
+    data: &[u8],
     timeout: Duration,
 ) -> io::Result<()> {
-    let size = format!("{:x}\r\n", data.len());
-    let mut parts = [Bytes::from(size), data, Bytes::from_static(b"\r\n")];
-    let work = async {
-        let mut i = 0;
-        while i < parts.len() {
-            let slices = [
-                io::IoSlice::new(&parts[i]),
-                io::IoSlice::new(parts.get(i + 1).map_or(&[][..], |p| &p[..])),
-                io::IoSlice::new(parts.get(i + 2).map_or(&[][..], |p| &p[..])),
-            ];
-            let mut n = writer.write_vectored(&slices).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
-            }
-            while i < parts.len() && n >= parts[i].len() {
-                n -= parts[i].len();
-                i += 1;
-            }
-            if i < parts.len() {
-                parts[i].advance(n);
-            }
-        }
-        Ok(())
+    let mut line = [0u8; 20];
+    let line_len = chunk_size_line(data.len(), &mut line);
+    let parts: [&[u8]; 3] = [&line[..line_len], data, b"\r\n"];
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let slices = parts.map(io::IoSlice::new);
+    let written = match writer.write_vectored(&slices).now_or_never() {
+        Some(Ok(n)) if n == total => return Ok(()),
+        Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+        Some(Ok(n)) => n,
+        Some(Err(e)) => return Err(e),
+        None => 0,
     };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| io::ErrorKind::TimedOut)?
+    let rest: Vec<u8> = parts.concat().split_off(written);
+    write_with_timeout(writer, &rest, timeout).await
+}
+
+/// `{len:x}\r\n` into `out`; returns its length.
+fn chunk_size_line(len: usize, out: &mut [u8; 20]) -> usize {
+    let digits = if len == 0 {
+        1
+    } else {
+        (usize::BITS - len.leading_zeros()).div_ceil(4) as usize
+    };
+    for (i, digit) in out.iter_mut().take(digits).enumerate() {
+        let nibble = (len >> (4 * (digits - 1 - i))) & 0xf;
+        *digit = b"0123456789abcdef"[nibble];
+    }
+    out[digits] = b'\r';
+    out[digits + 1] = b'\n';
+    digits + 2
 }
 
 async fn write_with_timeout(
@@ -396,6 +402,21 @@ impl AsyncWrite for Prefixed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex() {
+        let mut out = [0u8; 20];
+        for (len, want) in [
+            (0, "0\r\n"),
+            (9, "9\r\n"),
+            (255, "ff\r\n"),
+            (4096, "1000\r\n"),
+            (65_536, "10000\r\n"),
+        ] {
+            let n = chunk_size_line(len, &mut out);
+            assert_eq!(&out[..n], want.as_bytes());
+        }
+    }
 
     #[test]
     fn only_plain_sse_requests_take_the_native_path() {

@@ -4,11 +4,17 @@
 mod live;
 mod reply;
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
-use deadpool_redis::{Manager, Pool, Runtime};
-use redis::{AsyncConnectionConfig, Script, Value};
+use redis::{
+    Script, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
 
 pub use live::{RedisLiveSink, RedisLiveStream};
 
@@ -54,8 +60,14 @@ impl Keys {
 }
 
 /// A broker on one Redis primary (7.0 or newer).
+///
+/// Commands go over a few multiplexed connections, round-robin: concurrent requests share a
+/// connection and are pipelined, and each connection reconnects by itself. (A checkout pool
+/// such as deadpool-redis pings Redis on every checkout: a second round trip per publish,
+/// which halved publish throughput in BENCHMARKS.md.)
 pub struct RedisBroker {
-    pool: Pool,
+    connections: Vec<ConnectionManager>,
+    next: AtomicUsize,
     client: redis::Client,
     keys: Keys,
     config: BrokerConfig,
@@ -69,21 +81,25 @@ impl RedisBroker {
     /// Connects, and checks that the server is Redis 7 or newer.
     pub async fn connect(url: &str, config: &BrokerConfig) -> Result<Self, BrokerError> {
         let timeout = config.redis_timeout;
-        let connection = AsyncConnectionConfig::new()
+        let client = redis::Client::open(url)?;
+        let settings = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout));
-        let manager = Manager::new_with_config(url, connection)?;
-        let pool = Pool::builder(manager)
-            .max_size(config.redis_pool_size as usize)
-            .wait_timeout(Some(timeout))
-            .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| BrokerError::Protocol(format!("building the connection pool: {e}")))?;
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1));
+        let mut connections = Vec::new();
+        for _ in 0..config.redis_pool_size.max(1) {
+            let connect = ConnectionManager::new_with_config(client.clone(), settings.clone());
+            let connection = tokio::time::timeout(timeout, connect)
+                .await
+                .map_err(|_| BrokerError::Timeout(timeout))??;
+            connections.push(connection);
+        }
         let broker = Self {
-            pool,
-            client: redis::Client::open(url)?,
+            connections,
+            next: AtomicUsize::new(0),
+            client,
             keys: Keys::new(&config.redis_key_prefix),
             config: config.clone(),
             publish: Script::new(include_str!("publish.lua")),
@@ -97,9 +113,9 @@ impl RedisBroker {
 
     async fn check_version(&self) -> Result<(), BrokerError> {
         let info: String = self
-            .with_conn(
-                |mut c| async move { redis::cmd("INFO").arg("server").query_async(&mut c).await },
-            )
+            .with_conn(false, |mut c| async move {
+                redis::cmd("INFO").arg("server").query_async(&mut c).await
+            })
             .await?;
         let version = info
             .lines()
@@ -118,16 +134,32 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// Runs `op` on a pooled connection, bounded by `REDIS_TIMEOUT`.
-    async fn with_conn<T, F, Fut>(&self, op: F) -> Result<T, BrokerError>
+    /// Runs `op` on the next connection, bounded by `REDIS_TIMEOUT`. A connection that turns
+    /// out dead (Redis restarted) reconnects by itself after its first failure; the operation
+    /// then moves to the next connection when that is safe: always for reads, and for writes
+    /// only when the command certainly never reached Redis.
+    async fn with_conn<T, F, Fut>(&self, write: bool, op: F) -> Result<T, BrokerError>
     where
-        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let timeout = self.config.redis_timeout;
         let work = async {
-            let conn = self.pool.get().await?;
-            Ok::<T, BrokerError>(op(conn).await?)
+            let mut tried = 0;
+            loop {
+                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
+                match op(self.connections[i].clone()).await {
+                    // Each connection notices on its own that Redis restarted: try them all.
+                    Err(e)
+                        if tried < self.connections.len()
+                            && e.is_connection_dropped()
+                            && (!write || never_sent(&e)) =>
+                    {
+                        tried += 1
+                    }
+                    result => return result.map_err(BrokerError::from),
+                }
+            }
         };
         tokio::time::timeout(timeout, work)
             .await
@@ -136,7 +168,9 @@ impl RedisBroker {
 
     pub async fn ping(&self) -> Result<(), BrokerError> {
         let _: String = self
-            .with_conn(|mut c| async move { redis::cmd("PING").query_async(&mut c).await })
+            .with_conn(false, |mut c| async move {
+                redis::cmd("PING").query_async(&mut c).await
+            })
             .await?;
         Ok(())
     }
@@ -161,7 +195,10 @@ impl RedisBroker {
                 .arg(&entry.body[..]);
         }
         let seqs: Vec<u64> = self
-            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .with_conn(true, |mut c| {
+                let call = &call;
+                async move { call.invoke_async(&mut c).await }
+            })
             .await?;
         if seqs.len() != entries.len() {
             return Err(BrokerError::Protocol(format!(
@@ -180,7 +217,10 @@ impl RedisBroker {
             .key(&self.keys.clock)
             .arg(self.config.clock_bucket_secs());
         let (epoch, seq): (u64, u64) = self
-            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .with_conn(false, |mut c| {
+                let call = &call;
+                async move { call.invoke_async(&mut c).await }
+            })
             .await?;
         Ok(Position { epoch, seq })
     }
@@ -207,7 +247,10 @@ impl RedisBroker {
             call.arg(*after);
         }
         let reply: Value = self
-            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .with_conn(false, |mut c| {
+                let call = &call;
+                async move { call.invoke_async(&mut c).await }
+            })
             .await?;
         let pages = reply::array(reply)?;
         if pages.len() != requests.len() {
@@ -242,7 +285,10 @@ impl RedisBroker {
         let mut call = self.marker.prepare_invoke();
         call.key(&self.keys.counter).arg(self.keys.marker(replica));
         let receivers: u64 = self
-            .with_conn(|mut c| async move { call.invoke_async(&mut c).await })
+            .with_conn(false, |mut c| {
+                let call = &call;
+                async move { call.invoke_async(&mut c).await }
+            })
             .await?;
         Ok(receivers > 0)
     }
@@ -250,6 +296,18 @@ impl RedisBroker {
     pub fn timeout(&self) -> Duration {
         self.config.redis_timeout
     }
+}
+
+/// Whether a failed command certainly never reached Redis (so a write may be retried): the
+/// connection was refused, or writing hit a closed socket. redis-rs keeps the `io::Error`
+/// behind an `Arc<dyn Error>` and exposes only refusals, so a broken pipe is recognised by its
+/// message.
+fn never_sent(error: &redis::RedisError) -> bool {
+    error.is_connection_refusal()
+        || error
+            .to_string()
+            .to_ascii_lowercase()
+            .contains("broken pipe")
 }
 
 fn parse_page(page: Value, channel: &Channel) -> Result<ChannelPage, BrokerError> {

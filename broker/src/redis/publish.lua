@@ -8,47 +8,53 @@
 local counter, epoch, clock = KEYS[1], KEYS[2], KEYS[3]
 local max_len, ttl = ARGV[1], ARGV[2]
 local bucket, keep = tonumber(ARGV[3]), tonumber(ARGV[4])
+local n = #KEYS - 3
 local now = redis.call('TIME')
 local now_s = tonumber(now[1])
 
-local function id(n) return string.format('%d', n) end
+local function id(s) return string.format('%d', s) end
 
-local seq = redis.call('INCR', counter)
-if seq == 1 then
+if redis.call('EXISTS', counter) == 0 then
   -- No counter: a new Redis or one that lost its data. Seed from the wall clock (ms * 1000) so
   -- ids never repeat ones handed out before the loss, and start a new epoch.
   local seed = (now_s * 1000 + math.floor(tonumber(now[2]) / 1000)) * 1000
-  seq = seed + 1
-  redis.call('SET', counter, id(seq))
+  redis.call('SET', counter, id(seed))
   redis.call('SET', epoch, id(seed))
   redis.call('DEL', clock)
 end
+-- The whole batch's ids at once: consecutive, in request order.
+local seq = redis.call('INCRBY', counter, n) - n + 1
 
 -- Clock checkpoint: every seq from here on was handed out at or after this bucket's start.
 if redis.call('ZADD', clock, 'NX', id(seq), id(math.floor(now_s / bucket))) == 1 then
   redis.call('ZREMRANGEBYRANK', clock, 0, -(keep + 1))
 end
 
-local seqs = {}
-for i = 1, #KEYS - 3 do
-  if i > 1 then seq = redis.call('INCR', counter) end
+local seqs, streams = {}, {}
+for i = 1, n do
   local stream, body = KEYS[3 + i], ARGV[4 + 2 * i]
   local added = redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, id(seq) .. '-0', 'p', body)
   if type(added) == 'table' and added.err then
     -- The stream is ahead of the counter (the counter was deleted or edited by hand). Move the
-    -- counter past the stream instead of failing half-way through the batch.
+    -- counter past the stream instead of failing half-way through the batch; the rest of the
+    -- batch takes ids after it.
     local info = redis.call('XINFO', 'STREAM', stream)
     for j = 1, #info, 2 do
       if info[j] == 'last-generated-id' then
         local top = tonumber(string.match(info[j + 1], '^(%d+)'))
-        if top >= seq then redis.call('SET', counter, id(top)) end
+        redis.call('SET', counter, id(math.max(top, tonumber(redis.call('GET', counter)))))
       end
     end
-    seq = redis.call('INCR', counter)
+    seq = redis.call('INCRBY', counter, n - i + 1) - (n - i)
     redis.call('XADD', stream, 'MAXLEN', '~', max_len, id(seq) .. '-0', 'p', body)
   end
-  redis.call('PEXPIRE', stream, ttl)
+  streams[stream] = true
   redis.call('PUBLISH', ARGV[3 + 2 * i], id(seq) .. ' ' .. body)
   seqs[i] = seq
+  seq = seq + 1
+end
+-- Each stream expires HISTORY_TTL after its last event.
+for stream in pairs(streams) do
+  redis.call('PEXPIRE', stream, ttl)
 end
 return seqs
