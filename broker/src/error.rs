@@ -1,6 +1,6 @@
 //! Broker errors.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 /// A broker operation failed. Everything here means "the broker is unavailable or misbehaving
 /// right now"; the services answer 503 and clients retry.
@@ -16,4 +16,7 @@ pub enum BrokerError {
     Version { found: String },
     #[error("the live connection is closed")]
     Closed,
+    /// The failure of a read that several requests shared.
+    #[error("{0}")]
+    Shared(Arc<BrokerError>),
 }

@@ -1,14 +1,11 @@
-//! Resume: cursors, deciding whether history after a cursor is complete, and replaying it
-//! across channels in one global order.
+//! Resume: cursors, and deciding whether history after a cursor is complete.
 //!
 //! Every event has a `seq` from one counter per broker, so one cursor (the last `seq` a client
 //! saw) is a resume point on every channel at once. History after a cursor is complete on a
 //! channel when no entry with a higher `seq` was removed from its stream; the rules are in
 //! [`assess`] and the reasoning in `docs/resume.md`.
 
-use std::collections::VecDeque;
-
-use crate::{Broker, BrokerError, Channel, Event};
+use crate::Event;
 
 /// Why a cursor is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -120,121 +117,6 @@ pub fn assess(after: u64, facts: &StreamFacts, recent: bool) -> Result<(), GapRe
                 _ => Err(GapReason::Trimmed),
             },
         },
-    }
-}
-
-/// One step of a replay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplayItem {
-    Event(Event),
-    /// History of this channel is incomplete after the cursor; no more of its history follows.
-    Gap(Channel, GapReason),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Lane {
-    Open,
-    Exhausted,
-    Gapped,
-}
-
-struct ChannelReplay {
-    channel: Channel,
-    after: u64,
-    buffered: VecDeque<Event>,
-    state: Lane,
-}
-
-/// Replays history of several channels after one cursor, up to `upto`, merged into global
-/// `seq` order. Reads a page per channel at a time, so a long replay holds little memory, and
-/// checks completeness on every page, so entries trimmed mid-replay surface as a gap.
-pub struct Replay {
-    broker: Broker,
-    upto: u64,
-    page: usize,
-    lanes: Vec<ChannelReplay>,
-    gaps: VecDeque<(Channel, GapReason)>,
-}
-
-impl Replay {
-    pub fn new(
-        broker: Broker,
-        channels: impl IntoIterator<Item = Channel>,
-        after: u64,
-        upto: u64,
-        page: usize,
-    ) -> Self {
-        let lanes = channels
-            .into_iter()
-            .map(|channel| ChannelReplay {
-                channel,
-                after,
-                buffered: VecDeque::new(),
-                state: if after < upto {
-                    Lane::Open
-                } else {
-                    Lane::Exhausted
-                },
-            })
-            .collect();
-        Self {
-            broker,
-            upto,
-            page: page.max(1),
-            lanes,
-            gaps: VecDeque::new(),
-        }
-    }
-
-    /// The next event or gap, or `None` when the replay is done.
-    pub async fn next(&mut self) -> Result<Option<ReplayItem>, BrokerError> {
-        loop {
-            if let Some((channel, reason)) = self.gaps.pop_front() {
-                return Ok(Some(ReplayItem::Gap(channel, reason)));
-            }
-            let starving: Vec<usize> = (0..self.lanes.len())
-                .filter(|&i| self.lanes[i].state == Lane::Open && self.lanes[i].buffered.is_empty())
-                .collect();
-            if !starving.is_empty() {
-                self.refill(&starving).await?;
-                continue;
-            }
-            let next = self
-                .lanes
-                .iter_mut()
-                .filter(|lane| !lane.buffered.is_empty())
-                .min_by_key(|lane| lane.buffered.front().map(|e| e.seq));
-            return Ok(next
-                .and_then(|lane| lane.buffered.pop_front())
-                .map(ReplayItem::Event));
-        }
-    }
-
-    async fn refill(&mut self, lanes: &[usize]) -> Result<(), BrokerError> {
-        let requests: Vec<(Channel, u64)> = lanes
-            .iter()
-            .map(|&i| (self.lanes[i].channel.clone(), self.lanes[i].after))
-            .collect();
-        let pages = self.broker.history(&requests, self.upto, self.page).await?;
-        for (&i, page) in lanes.iter().zip(pages) {
-            let lane = &mut self.lanes[i];
-            if let Err(reason) = assess(lane.after, &page.facts, page.recent) {
-                lane.state = Lane::Gapped;
-                self.gaps.push_back((lane.channel.clone(), reason));
-                continue;
-            }
-            let full = page.events.len() >= self.page;
-            for event in page.events {
-                if event.seq > lane.after && event.seq <= self.upto {
-                    lane.after = event.seq;
-                    lane.buffered.push_back(event);
-                }
-            }
-            if !full || lane.after >= self.upto {
-                lane.state = Lane::Exhausted;
-            }
-        }
-        Ok(())
     }
 }
 

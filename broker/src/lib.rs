@@ -27,9 +27,7 @@ pub use channel::{Channel, ChannelError};
 pub use config::BrokerConfig;
 pub use error::BrokerError;
 pub use event::{Event, Outgoing};
-pub use history::{
-    ChannelPage, GapReason, Position, Removed, Replay, ReplayItem, StreamFacts, parse_cursor,
-};
+pub use history::{ChannelPage, GapReason, Position, Removed, StreamFacts, parse_cursor};
 
 use crate::{
     memory::{MemoryBroker, MemoryLiveSink, MemoryLiveStream},

@@ -12,6 +12,7 @@ pub mod error;
 pub mod frame;
 pub mod hub;
 pub mod live;
+pub mod replay;
 pub mod server;
 pub mod session;
 pub mod sse;
@@ -50,6 +51,8 @@ pub struct GatewayState {
     pub broker: Broker,
     pub hub: Arc<Hub>,
     pub live: LiveHandle,
+    /// History pages shared by every replay of this replica.
+    pub history: Arc<replay::HistoryCache>,
     pub stats: Arc<Stats>,
     /// Cancelled on shutdown: streams end, readiness turns false.
     pub shutdown: CancellationToken,
@@ -78,6 +81,10 @@ impl Gateway {
             stats.clone(),
         ));
         let mut tasks = JoinSet::new();
+        let history = Arc::new(replay::HistoryCache::new(
+            broker.clone(),
+            config.replay_page_size as usize,
+        ));
         let live = live::spawn(
             hub.clone(),
             broker.clone(),
@@ -86,7 +93,7 @@ impl Gateway {
             LiveSettings {
                 replica: replica.clone(),
                 marker_interval: config.marker_interval(),
-                replay_page: config.replay_page_size as usize,
+                history: history.clone(),
             },
             &mut tasks,
             shutdown.clone(),
@@ -103,6 +110,7 @@ impl Gateway {
             broker,
             hub,
             live,
+            history,
             stats,
             shutdown,
         });

@@ -18,7 +18,6 @@ use std::{
 
 use eventgate_broker::{
     Broker, BrokerError, Channel, Event, GapReason, LiveMessage, LiveSink, LiveStream, Position,
-    Replay, ReplayItem,
 };
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::{
@@ -31,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     frame::Frame,
     hub::{Delivery, Hub, ResetNotice, Stats},
+    replay::{HistoryCache, Replay, ReplayItem},
 };
 
 /// Requests to the live task.
@@ -90,7 +90,8 @@ impl LiveHandle {
 pub struct LiveSettings {
     pub replica: String,
     pub marker_interval: Duration,
-    pub replay_page: usize,
+    /// Where backfills read history.
+    pub history: Arc<HistoryCache>,
 }
 
 /// Starts the live task; it runs until `shutdown`.
@@ -267,19 +268,13 @@ impl LiveTask {
         after: u64,
         upto: u64,
     ) -> Result<(), BrokerError> {
-        let mut replay = Replay::new(
-            self.broker.clone(),
-            channels,
-            after,
-            upto,
-            self.settings.replay_page,
-        );
+        let mut replay = Replay::new(self.settings.history.clone(), channels, after, upto);
         let mut count = 0;
         while let Some(item) = replay.next().await? {
             match item {
-                ReplayItem::Event(event) => {
+                ReplayItem::Frame(frame) => {
                     count += 1;
-                    self.dispatch(event);
+                    self.hub.dispatch(frame);
                 }
                 ReplayItem::Gap(channel, reason) => {
                     Stats::add(&self.stats.resets_sent, 1);

@@ -8,12 +8,13 @@
 
 use std::sync::{Arc, atomic::AtomicU64};
 
-use eventgate_broker::{Channel, Position, Replay, ReplayItem};
+use eventgate_broker::{Channel, Position};
 
 use crate::{
     GatewayState,
     error::ApiError,
     hub::{ClientQueue, Hub, Stats},
+    replay::{Replay, ReplayItem},
 };
 
 /// The transport of a session, for stats and logs.
@@ -128,11 +129,10 @@ impl GatewayState {
             Some(cursor) if cursor > position || cursor < epoch => Start::Unknown,
             Some(cursor) => {
                 let mut replay = Replay::new(
-                    self.broker.clone(),
+                    self.history.clone(),
                     channels.iter().cloned(),
                     cursor,
                     position,
-                    self.config.replay_page_size as usize,
                 );
                 let first = replay.next().await?;
                 Start::Resume {

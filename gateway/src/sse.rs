@@ -20,14 +20,15 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
-use eventgate_broker::{Channel, GapReason, Replay, ReplayItem, parse_cursor};
+use eventgate_broker::{Channel, GapReason, parse_cursor};
 use tokio::time::Instant;
 
 use crate::{
     GatewayState,
     error::ApiError,
-    frame::{sse_position, sse_reset, write_sse_event},
+    frame::{sse_position, sse_reset},
     hub::{CloseReason, Delivery, Stats},
+    replay::{Replay, ReplayItem},
     session::{Attached, Session, Start, Transport},
 };
 
@@ -160,16 +161,12 @@ async fn replay_chunk(
             },
         };
         match item {
-            Some(ReplayItem::Event(event)) if event.seq > floor => {
-                match write_sse_event(&event, &mut out) {
-                    Ok(()) => replayed += 1,
-                    Err(e) => {
-                        tracing::warn!(seq = event.seq, error = %e, "skipping malformed event")
-                    }
-                }
-                floor = event.seq;
+            Some(ReplayItem::Frame(frame)) if frame.seq() > floor => {
+                out.extend_from_slice(&frame.sse);
+                replayed += 1;
+                floor = frame.seq();
             }
-            Some(ReplayItem::Event(_)) => {}
+            Some(ReplayItem::Frame(_)) => {}
             Some(ReplayItem::Gap(channel, reason)) => {
                 resets += 1;
                 out.extend_from_slice(&sse_reset(&[channel], reason, None));

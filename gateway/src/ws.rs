@@ -23,7 +23,7 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use eventgate_broker::{Channel, GapReason, Replay, ReplayItem, parse_cursor};
+use eventgate_broker::{Channel, GapReason, parse_cursor};
 use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -31,8 +31,8 @@ use tokio::time::Instant;
 use crate::{
     GatewayState,
     error::ApiError,
-    frame::ws_event,
     hub::{CloseReason, Delivery, Stats},
+    replay::{Replay, ReplayItem},
     session::{Attached, Session, Start, Transport},
 };
 
@@ -452,22 +452,14 @@ impl WsConnection {
             };
             let message = match item {
                 None => break,
-                Some(ReplayItem::Event(event)) => {
+                Some(ReplayItem::Frame(frame)) => {
                     let floor = self.floors.entry(channel.clone()).or_default();
-                    if event.seq <= *floor {
+                    if frame.seq() <= *floor {
                         continue;
                     }
-                    *floor = event.seq;
-                    match ws_event(&event) {
-                        Ok(text) => {
-                            replayed += 1;
-                            Message::Text(text)
-                        }
-                        Err(e) => {
-                            tracing::warn!(seq = event.seq, error = %e, "skipping malformed event");
-                            continue;
-                        }
-                    }
+                    *floor = frame.seq();
+                    replayed += 1;
+                    Message::Text(frame.ws_text())
                 }
                 Some(ReplayItem::Gap(channel, reason)) => {
                     Stats::add(&self.state.stats.resets_sent, 1);
