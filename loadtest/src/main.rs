@@ -61,6 +61,12 @@ enum Scenario {
     Publish(PublishArgs),
     /// K clients reconnecting at once, E events behind.
     Resume(ResumeArgs),
+    /// Prints the figures appended with `--json` as Markdown tables.
+    Report {
+        /// The JSON lines file.
+        #[arg(long)]
+        input: PathBuf,
+    },
     /// (internal) One generator process of a multi-process run.
     #[command(hide = true)]
     Shard {
@@ -189,8 +195,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Scenario::Shard { spec } = &cli.scenario {
-        return shards::run_child(spec).await;
+    match &cli.scenario {
+        Scenario::Shard { spec } => return shards::run_child(spec).await,
+        Scenario::Report { input } => {
+            print!("{}", report::markdown(&std::fs::read_to_string(input)?)?);
+            return Ok(());
+        }
+        _ => {}
     }
     let limit = raise_file_limit();
     let sources = Arc::new(Sources::parse(&cli.source_ips)?);
@@ -200,7 +211,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Idle(args) => idle(&cli, args).await?,
         Scenario::Publish(args) => publish_scenario(&cli, args, sources).await?,
         Scenario::Resume(args) => resume(&cli, args, sources).await?,
-        Scenario::Shard { .. } => unreachable!("handled above"),
+        Scenario::Shard { .. } | Scenario::Report { .. } => return Ok(()),
     };
     let own = cpu_time(std::process::id())
         .unwrap_or_default()
@@ -304,8 +315,11 @@ async fn fanout(cli: &Cli, args: &FanoutArgs, sources: Arc<Sources>) -> anyhow::
             "full speed".into()
         }
     ));
+    report.set("kind", "fanout");
     report.set("target", format!("{:?}", target.kind).to_lowercase());
     report.set("transport", format!("{:?}", args.transport).to_lowercase());
+    report.set("rate", args.rate);
+    report.set("channels", plan.channels as u64);
     report.row(
         "subscribers",
         format!(
@@ -409,6 +423,7 @@ async fn idle(cli: &Cli, args: &IdleArgs) -> anyhow::Result<Report> {
         "idle: {:?} {} {:?} connections over {} channels",
         target.kind, args.connections, args.transport, args.channels
     ));
+    report.set("kind", "idle");
     report.set("target", format!("{:?}", target.kind).to_lowercase());
     report.set("transport", format!("{:?}", args.transport).to_lowercase());
     report.row(
@@ -504,8 +519,10 @@ async fn publish_scenario(
         args.batch,
         args.duration.as_secs_f64()
     ));
+    report.set("kind", "publish");
     report.set("target", format!("{:?}", target.kind).to_lowercase());
     report.set("batch", args.batch as u64);
+    report.set("clients", args.clients as u64);
     let rate = events as f64 / elapsed;
     report.row(
         "accepted",
@@ -581,7 +598,9 @@ async fn resume(cli: &Cli, args: &ResumeArgs, sources: Arc<Sources>) -> anyhow::
         "resume: {:?} {} {:?} clients reconnecting {} events behind",
         target.kind, args.clients, args.transport, args.behind
     ));
+    report.set("kind", "resume");
     report.set("target", format!("{:?}", target.kind).to_lowercase());
+    report.set("behind", args.behind);
     report.row(
         "caught up",
         format!(
@@ -617,18 +636,16 @@ async fn resume(cli: &Cli, args: &ResumeArgs, sources: Arc<Sources>) -> anyhow::
     Ok(report)
 }
 
-/// The id of the event a publish answered with: eventgate's `"id":"…"`, nchan's
-/// `"last_message_id":"…"`.
+/// The id of the event a publish answered with: eventgate's `published[0].id`, nchan's
+/// `last_message_id`.
 fn anchor_id(kind: Kind, answer: &[u8]) -> anyhow::Result<String> {
-    let text = String::from_utf8_lossy(answer);
-    let key = match kind {
-        Kind::Eventgate => r#""id":""#,
-        Kind::Nchan => r#""last_message_id":""#,
+    let answer: serde_json::Value =
+        serde_json::from_slice(answer).context("publish answer is not JSON")?;
+    let id = match kind {
+        Kind::Eventgate => &answer["published"][0]["id"],
+        Kind::Nchan => &answer["last_message_id"],
     };
-    let start = text
-        .find(key)
-        .map(|i| i + key.len())
-        .context("no id in the publish answer")?;
-    let end = text[start..].find('"').context("unterminated id")? + start;
-    Ok(text[start..end].to_owned())
+    id.as_str()
+        .map(str::to_owned)
+        .context("no id in the publish answer")
 }

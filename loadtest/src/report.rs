@@ -120,3 +120,111 @@ pub fn thousands(n: u64) -> String {
     }
     out
 }
+
+/// Markdown tables of JSON-lines figures, one table per kind of scenario, rows in run order.
+pub fn markdown(lines: &str) -> anyhow::Result<String> {
+    let runs: Vec<Value> = lines
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let text = |v: &Value, key: &str| match &v[key] {
+        Value::Null => "–".to_owned(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.fract() == 0.0 && f.abs() >= 1000.0 => thousands(f as u64),
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    };
+    let tables: [(&str, &[(&str, &str)]); 4] = [
+        (
+            "fanout",
+            &[
+                ("run", "label"),
+                ("server", "target"),
+                ("transport", "transport"),
+                ("subscribers", "subscribers"),
+                ("channels", "channels"),
+                ("events/s", "rate"),
+                ("delivered", "delivered"),
+                ("expected", "expected"),
+                ("lost", "lost"),
+                ("dup", "duplicates"),
+                ("out of order", "out_of_order"),
+                ("deliveries/s", "deliveries_per_s"),
+                ("p50 ms", "latency_p50_ms"),
+                ("p99 ms", "latency_p99_ms"),
+                ("max ms", "latency_max_ms"),
+                ("server µs/delivery", "server_cpu_us_per_delivery"),
+                ("generator CPU s", "generator_cpu_s"),
+            ],
+        ),
+        (
+            "idle",
+            &[
+                ("run", "label"),
+                ("server", "target"),
+                ("transport", "transport"),
+                ("connections", "connections"),
+                ("failed", "failed"),
+                ("held", "held"),
+                ("RSS before MiB", "rss_before_mib"),
+                ("RSS after MiB", "rss_after_mib"),
+                ("KiB per connection", "kib_per_connection"),
+            ],
+        ),
+        (
+            "publish",
+            &[
+                ("run", "label"),
+                ("server", "target"),
+                ("clients", "clients"),
+                ("events per request", "batch"),
+                ("events/s", "events_per_s"),
+                ("errors", "errors"),
+                ("p50 ms", "latency_p50_ms"),
+                ("p99 ms", "latency_p99_ms"),
+                ("server µs/event", "server_cpu_us_per_event"),
+            ],
+        ),
+        (
+            "resume",
+            &[
+                ("run", "label"),
+                ("server", "target"),
+                ("clients", "clients"),
+                ("events behind", "behind"),
+                ("caught up", "caught_up"),
+                ("seconds", "seconds"),
+                ("lost", "lost"),
+                ("dup", "duplicates"),
+                ("server µs/delivery", "server_cpu_us_per_delivery"),
+            ],
+        ),
+    ];
+    let mut out = String::new();
+    for (kind, columns) in tables {
+        let rows: Vec<&Value> = runs.iter().filter(|r| r["kind"] == kind).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("\n#### {kind}\n\n|"));
+        for (title, _) in columns {
+            out.push_str(&format!(" {title} |"));
+        }
+        out.push_str("\n|");
+        for _ in columns.iter() {
+            out.push_str("---|");
+        }
+        out.push('\n');
+        for row in rows {
+            out.push('|');
+            for (_, key) in columns.iter() {
+                out.push_str(&format!(" {} |", text(row, key)));
+            }
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}

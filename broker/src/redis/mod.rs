@@ -1,12 +1,13 @@
 //! The Redis broker: history in one capped stream per channel, live delivery over pub/sub, one
 //! counter for all channels. All writes happen inside `publish.lua`, atomically.
 
+mod commands;
+mod commit;
 mod live;
 mod reply;
 
 use std::{
-    future::Future,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{Arc, atomic::AtomicUsize},
     time::Duration,
 };
 
@@ -18,9 +19,10 @@ use redis::{
 
 pub use live::{RedisLiveSink, RedisLiveStream};
 
+use self::{commands::Commands, commit::Committer};
 use crate::{
     BrokerConfig, BrokerError, Channel, ChannelPage, Event, Outgoing, Position, Removed,
-    StreamFacts, config::CLOCK_KEEP,
+    StreamFacts,
 };
 
 /// Redis key and pub/sub channel names, all under the configured prefix.
@@ -60,18 +62,12 @@ impl Keys {
 }
 
 /// A broker on one Redis primary (7.0 or newer).
-///
-/// Commands go over a few multiplexed connections, round-robin: concurrent requests share a
-/// connection and are pipelined, and each connection reconnects by itself. (A checkout pool
-/// such as deadpool-redis pings Redis on every checkout: a second round trip per publish,
-/// which halved publish throughput in BENCHMARKS.md.)
 pub struct RedisBroker {
-    connections: Vec<ConnectionManager>,
-    next: AtomicUsize,
+    commands: Arc<Commands>,
+    commit: Committer,
     client: redis::Client,
     keys: Keys,
     config: BrokerConfig,
-    publish: Script,
     position: Script,
     history: Script,
     marker: Script,
@@ -96,13 +92,18 @@ impl RedisBroker {
                 .map_err(|_| BrokerError::Timeout(timeout))??;
             connections.push(connection);
         }
-        let broker = Self {
+        let commands = Arc::new(Commands {
             connections,
             next: AtomicUsize::new(0),
+            timeout,
+        });
+        let keys = Keys::new(&config.redis_key_prefix);
+        let broker = Self {
+            commit: Committer::start(commands.clone(), keys.clone(), config.clone()),
+            commands,
             client,
-            keys: Keys::new(&config.redis_key_prefix),
+            keys,
             config: config.clone(),
-            publish: Script::new(include_str!("publish.lua")),
             position: Script::new(include_str!("position.lua")),
             history: Script::new(include_str!("history.lua")),
             marker: Script::new(include_str!("marker.lua")),
@@ -113,6 +114,7 @@ impl RedisBroker {
 
     async fn check_version(&self) -> Result<(), BrokerError> {
         let info: String = self
+            .commands
             .with_conn(false, |mut c| async move {
                 redis::cmd("INFO").arg("server").query_async(&mut c).await
             })
@@ -134,40 +136,9 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// Runs `op` on the next connection, bounded by `REDIS_TIMEOUT`. A connection that turns
-    /// out dead (Redis restarted) reconnects by itself after its first failure; the operation
-    /// then moves to the next connection when that is safe: always for reads, and for writes
-    /// only when the command certainly never reached Redis.
-    async fn with_conn<T, F, Fut>(&self, write: bool, op: F) -> Result<T, BrokerError>
-    where
-        F: Fn(ConnectionManager) -> Fut,
-        Fut: Future<Output = redis::RedisResult<T>>,
-    {
-        let timeout = self.config.redis_timeout;
-        let work = async {
-            let mut tried = 0;
-            loop {
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % self.connections.len();
-                match op(self.connections[i].clone()).await {
-                    // Each connection notices on its own that Redis restarted: try them all.
-                    Err(e)
-                        if tried < self.connections.len()
-                            && e.is_connection_dropped()
-                            && (!write || never_sent(&e)) =>
-                    {
-                        tried += 1
-                    }
-                    result => return result.map_err(BrokerError::from),
-                }
-            }
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| BrokerError::Timeout(timeout))?
-    }
-
     pub async fn ping(&self) -> Result<(), BrokerError> {
         let _: String = self
+            .commands
             .with_conn(false, |mut c| async move {
                 redis::cmd("PING").query_async(&mut c).await
             })
@@ -175,39 +146,9 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Publishes `entries` atomically (see `commit`: concurrent requests share script calls).
     pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<u64>, BrokerError> {
-        if entries.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut call = self.publish.prepare_invoke();
-        call.key(&self.keys.counter)
-            .key(&self.keys.epoch)
-            .key(&self.keys.clock);
-        for entry in entries {
-            call.key(self.keys.stream(&entry.channel));
-        }
-        call.arg(self.config.history_max_len)
-            .arg(self.config.history_ttl.as_millis() as u64)
-            .arg(self.config.clock_bucket_secs())
-            .arg(CLOCK_KEEP);
-        for entry in entries {
-            call.arg(self.keys.live(&entry.channel))
-                .arg(&entry.body[..]);
-        }
-        let seqs: Vec<u64> = self
-            .with_conn(true, |mut c| {
-                let call = &call;
-                async move { call.invoke_async(&mut c).await }
-            })
-            .await?;
-        if seqs.len() != entries.len() {
-            return Err(BrokerError::Protocol(format!(
-                "publish returned {} ids for {} events",
-                seqs.len(),
-                entries.len()
-            )));
-        }
-        Ok(seqs)
+        self.commit.publish(entries).await
     }
 
     pub async fn position(&self) -> Result<Position, BrokerError> {
@@ -217,6 +158,7 @@ impl RedisBroker {
             .key(&self.keys.clock)
             .arg(self.config.clock_bucket_secs());
         let (epoch, seq): (u64, u64) = self
+            .commands
             .with_conn(false, |mut c| {
                 let call = &call;
                 async move { call.invoke_async(&mut c).await }
@@ -247,6 +189,7 @@ impl RedisBroker {
             call.arg(*after);
         }
         let reply: Value = self
+            .commands
             .with_conn(false, |mut c| {
                 let call = &call;
                 async move { call.invoke_async(&mut c).await }
@@ -285,6 +228,7 @@ impl RedisBroker {
         let mut call = self.marker.prepare_invoke();
         call.key(&self.keys.counter).arg(self.keys.marker(replica));
         let receivers: u64 = self
+            .commands
             .with_conn(false, |mut c| {
                 let call = &call;
                 async move { call.invoke_async(&mut c).await }
@@ -296,18 +240,6 @@ impl RedisBroker {
     pub fn timeout(&self) -> Duration {
         self.config.redis_timeout
     }
-}
-
-/// Whether a failed command certainly never reached Redis (so a write may be retried): the
-/// connection was refused, or writing hit a closed socket. redis-rs keeps the `io::Error`
-/// behind an `Arc<dyn Error>` and exposes only refusals, so a broken pipe is recognised by its
-/// message.
-fn never_sent(error: &redis::RedisError) -> bool {
-    error.is_connection_refusal()
-        || error
-            .to_string()
-            .to_ascii_lowercase()
-            .contains("broken pipe")
 }
 
 fn parse_page(page: Value, channel: &Channel) -> Result<ChannelPage, BrokerError> {

@@ -33,7 +33,8 @@ end
 local seqs, streams = {}, {}
 for i = 1, n do
   local stream, body = KEYS[3 + i], ARGV[4 + 2 * i]
-  local added = redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, id(seq) .. '-0', 'p', body)
+  local sid = id(seq)
+  local added = redis.pcall('XADD', stream, 'MAXLEN', '~', max_len, sid .. '-0', 'p', body)
   if type(added) == 'table' and added.err then
     -- The stream is ahead of the counter (the counter was deleted or edited by hand). Move the
     -- counter past the stream instead of failing half-way through the batch; the rest of the
@@ -46,10 +47,11 @@ for i = 1, n do
       end
     end
     seq = redis.call('INCRBY', counter, n - i + 1) - (n - i)
-    redis.call('XADD', stream, 'MAXLEN', '~', max_len, id(seq) .. '-0', 'p', body)
+    sid = id(seq)
+    redis.call('XADD', stream, 'MAXLEN', '~', max_len, sid .. '-0', 'p', body)
   end
   streams[stream] = true
-  redis.call('PUBLISH', ARGV[3 + 2 * i], id(seq) .. ' ' .. body)
+  redis.call('PUBLISH', ARGV[3 + 2 * i], sid .. ' ' .. body)
   seqs[i] = seq
   seq = seq + 1
 end

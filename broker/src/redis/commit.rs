@@ -1,0 +1,190 @@
+//! Group commit: publish requests that arrive while a script call is in flight go together
+//! into the next one.
+//!
+//! Most of a publish's cost in Redis is the script call itself (invocation, arguments, `TIME`,
+//! the clock, the reply), not the events in it. Under load, concurrent requests share calls;
+//! an idle publisher sends each request at once. Every request's events still run in one
+//! atomic script. Calls run on a task of their own, so a client that gives up on its request
+//! cannot cancel a call other requests are in.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use futures::{StreamExt, stream::FuturesUnordered};
+use redis::Script;
+use tokio::{
+    sync::{Notify, oneshot},
+    task::JoinHandle,
+};
+
+use super::{Keys, commands::Commands};
+use crate::{BrokerConfig, BrokerError, Outgoing, config::CLOCK_KEEP};
+
+/// Most events in one script call: keeps each call (which blocks Redis) short. A larger
+/// request still goes in one call of its own.
+const MAX_CALL_ENTRIES: usize = 1000;
+
+type Reply = oneshot::Sender<Result<Vec<u64>, Arc<BrokerError>>>;
+
+struct Pending {
+    entries: Vec<Outgoing>,
+    reply: Reply,
+}
+
+struct Queue {
+    pending: Mutex<VecDeque<Pending>>,
+    wake: Notify,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Pending>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whole requests, in arrival order, up to [`MAX_CALL_ENTRIES`] events (at least one).
+    fn take(&self) -> Vec<Pending> {
+        let mut pending = self.lock();
+        let mut taken = Vec::new();
+        let mut entries = 0;
+        while let Some(next) = pending.front() {
+            if !taken.is_empty() && entries + next.entries.len() > MAX_CALL_ENTRIES {
+                break;
+            }
+            entries += next.entries.len();
+            taken.extend(pending.pop_front());
+        }
+        taken
+    }
+}
+
+/// Runs publish script calls for the broker; the task stops when this is dropped.
+pub(super) struct Committer {
+    queue: Arc<Queue>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What a script call needs.
+struct Call {
+    commands: Arc<Commands>,
+    script: Script,
+    keys: Keys,
+    config: BrokerConfig,
+}
+
+impl Committer {
+    pub(super) fn start(commands: Arc<Commands>, keys: Keys, config: BrokerConfig) -> Self {
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+        });
+        let concurrency = commands.connections.len().max(1);
+        let call = Arc::new(Call {
+            commands,
+            script: Script::new(include_str!("publish.lua")),
+            keys,
+            config,
+        });
+        let task = tokio::spawn(run(queue.clone(), call, concurrency));
+        Self { queue, task }
+    }
+
+    /// Publishes `entries` in the next script call; returns their seqs.
+    pub(super) async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<u64>, BrokerError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.queue.lock().push_back(Pending {
+            entries: entries.to_vec(),
+            reply,
+        });
+        self.queue.wake.notify_one();
+        match answer.await {
+            Ok(result) => result.map_err(BrokerError::Shared),
+            Err(_) => Err(BrokerError::Closed),
+        }
+    }
+}
+
+/// Takes queued requests into calls, at most `concurrency` calls at a time (one per
+/// connection, so calls pipeline).
+async fn run(queue: Arc<Queue>, call: Arc<Call>, concurrency: usize) {
+    let mut inflight = FuturesUnordered::new();
+    loop {
+        while inflight.len() < concurrency {
+            let batch = queue.take();
+            if batch.is_empty() {
+                break;
+            }
+            inflight.push(commit(call.clone(), batch));
+        }
+        tokio::select! {
+            _ = queue.wake.notified(), if inflight.len() < concurrency => {}
+            Some(()) = inflight.next() => {}
+        }
+    }
+}
+
+/// One script call for `batch`; every request gets its own seqs, or the shared error.
+async fn commit(call: Arc<Call>, batch: Vec<Pending>) {
+    let entries: Vec<&Outgoing> = batch.iter().flat_map(|p| &p.entries).collect();
+    let mut invocation = call.script.prepare_invoke();
+    invocation
+        .key(&call.keys.counter)
+        .key(&call.keys.epoch)
+        .key(&call.keys.clock);
+    for entry in &entries {
+        invocation.key(call.keys.stream(&entry.channel));
+    }
+    invocation
+        .arg(call.config.history_max_len)
+        .arg(call.config.history_ttl.as_millis() as u64)
+        .arg(call.config.clock_bucket_secs())
+        .arg(CLOCK_KEEP);
+    for entry in &entries {
+        invocation
+            .arg(call.keys.live(&entry.channel))
+            .arg(&entry.body[..]);
+    }
+    let result: Result<Vec<u64>, BrokerError> = call
+        .commands
+        .with_conn(true, |mut c| {
+            let invocation = &invocation;
+            async move { invocation.invoke_async(&mut c).await }
+        })
+        .await;
+    let result = result.and_then(|seqs| {
+        if seqs.len() == entries.len() {
+            Ok(seqs)
+        } else {
+            Err(BrokerError::Protocol(format!(
+                "publish returned {} ids for {} events",
+                seqs.len(),
+                entries.len()
+            )))
+        }
+    });
+    match result {
+        Ok(seqs) => {
+            let mut seqs = seqs.into_iter();
+            for pending in batch {
+                let own: Vec<u64> = seqs.by_ref().take(pending.entries.len()).collect();
+                let _ = pending.reply.send(Ok(own));
+            }
+        }
+        Err(e) => {
+            let e = Arc::new(e);
+            for pending in batch {
+                let _ = pending.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
