@@ -218,6 +218,10 @@ pub(crate) struct SseBody {
     sent: u64,
     /// Events written but not yet added to the replica's counter.
     uncounted: u64,
+    /// An event went out since the last position delivery: the client's id is current.
+    busy_since_position: bool,
+    /// Something went out since the last heartbeat: the connection is visibly alive.
+    busy_since_heartbeat: bool,
     opened: Instant,
     end: &'static str,
 }
@@ -263,6 +267,8 @@ impl SseBody {
             finished: false,
             sent: 0,
             uncounted: 0,
+            busy_since_position: false,
+            busy_since_heartbeat: false,
             opened: Instant::now(),
             end: "client",
         }
@@ -347,14 +353,29 @@ impl SseBody {
                 self.floor = frame.seq();
                 self.sent += 1;
                 self.uncounted += 1;
+                self.busy_since_position = true;
+                self.busy_since_heartbeat = true;
                 Some(frame.sse.clone())
             }
             Delivery::Event(_) => None,
-            Delivery::Position(seq) if seq > self.floor && self.replay.is_none() => {
+            // Positions and heartbeats go only to quiet clients: a client that just got an event
+            // already has a current id and a live connection, and writing to every client at
+            // once delays the events behind it.
+            Delivery::Position(seq)
+                if seq > self.floor && self.replay.is_none() && !self.busy_since_position =>
+            {
                 self.floor = seq;
+                self.busy_since_heartbeat = true;
                 Some(sse_position(seq))
             }
-            Delivery::Position(_) => None,
+            Delivery::Position(_) => {
+                self.busy_since_position = false;
+                None
+            }
+            Delivery::Heartbeat if self.busy_since_heartbeat => {
+                self.busy_since_heartbeat = false;
+                None
+            }
             Delivery::Heartbeat => Some(Bytes::from_static(b": ping\n\n")),
             Delivery::Reset(notice) => {
                 let channels: Vec<Channel> = match &notice.channels {

@@ -318,7 +318,14 @@ async fn fanout(cli: &Cli, args: &FanoutArgs, sources: Arc<Sources>) -> anyhow::
     report.set("kind", "fanout");
     report.set("target", format!("{:?}", target.kind).to_lowercase());
     report.set("transport", format!("{:?}", args.transport).to_lowercase());
-    report.set("rate", args.rate);
+    report.set(
+        "rate",
+        if args.rate > 0.0 {
+            serde_json::json!(args.rate)
+        } else {
+            serde_json::json!("max")
+        },
+    );
     report.set("channels", plan.channels as u64);
     report.row(
         "subscribers",
