@@ -27,6 +27,7 @@ on_both_brokers!(
     shutdown_ends_streams,
     resume_is_exact_while_publishing_and_reconnecting,
     a_stream_on_a_reused_keep_alive_connection_works_the_same,
+    a_stream_with_a_duration_ends_by_itself,
 );
 
 async fn publish_delivers_the_documented_sse_frame(backend: Backend) {
@@ -645,4 +646,31 @@ async fn a_stream_on_a_reused_keep_alive_connection_works_the_same(backend: Back
     let text = String::from_utf8_lossy(&stream);
     assert!(text.contains("content-type: text/event-stream"), "{text}");
     assert!(text.contains("retry: "), "{text}");
+}
+
+/// `?duration=` ends a stream after that long, so tools that read whole responses (monitoring
+/// probes, k6) can check one.
+async fn a_stream_with_a_duration_ends_by_itself(backend: Backend) {
+    let stack = Stack::start(backend).await;
+    let started = std::time::Instant::now();
+    let mut client = stack.subscribe("channel=orders&duration=700ms").await;
+    let id = stack.publish_one("orders", json!("within")).await;
+    assert_eq!(client.next_event(SOON).await.expect("event").id, id);
+    client.expect_closed(SOON).await;
+    let lasted = started.elapsed();
+    assert!(
+        lasted >= Duration::from_millis(700),
+        "ended after {lasted:?}"
+    );
+    let refused = SseClient::connect(
+        &stack.http,
+        &stack.events_url(0, "channel=orders&duration=2d"),
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        refused.error_body().await["error"]["code"],
+        "invalid_duration"
+    );
 }

@@ -231,7 +231,13 @@ async fn native_sse(
         let attached = state
             .attach(&session, &parsed.channels, parsed.cursor)
             .await?;
-        Ok::<_, ApiError>(SseBody::new(session, parsed.channels, attached, state))
+        Ok::<_, ApiError>(SseBody::new(
+            session,
+            parsed.channels,
+            parsed.duration,
+            attached,
+            state,
+        ))
     });
     let mut body = match opened.await {
         Ok(body) => body,

@@ -11,6 +11,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use axum::{
@@ -20,8 +21,8 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
-use eventgate_broker::{Channel, GapReason, parse_cursor};
-use tokio::time::Instant;
+use eventgate_broker::{Channel, GapReason, config::parse_duration, parse_cursor};
+use tokio::time::{Instant, Sleep};
 
 use crate::{
     GatewayState,
@@ -37,7 +38,13 @@ use crate::{
 pub struct EventsRequest {
     pub channels: Vec<Channel>,
     pub cursor: Option<u64>,
+    /// `?duration=`: end the stream after this long (monitoring probes, clients that cannot
+    /// read an endless response). `EventSource` then reconnects and resumes as usual.
+    pub duration: Option<Duration>,
 }
+
+/// Longest `?duration=`.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// Reads channels and cursor from the query and `Last-Event-ID`. The header wins: a browser's
 /// `EventSource` reconnects to the same URL, so `?last_event_id=` still holds the first value.
@@ -48,6 +55,7 @@ pub fn parse_request(
 ) -> Result<EventsRequest, ApiError> {
     let mut channels: Vec<Channel> = Vec::new();
     let mut cursor_param = None;
+    let mut duration = None;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*key {
             "channel" => {
@@ -59,6 +67,20 @@ pub fn parse_request(
                 }
             }
             "last_event_id" => cursor_param = Some(value.into_owned()),
+            "duration" => {
+                let parsed = parse_duration(&value)
+                    .ok()
+                    .filter(|d| *d <= MAX_DURATION)
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "invalid_duration",
+                            format!(
+                                "duration {value:?}: use a span such as 30s or 5m, at most 24h"
+                            ),
+                        )
+                    })?;
+                duration = Some(parsed);
+            }
             _ => {}
         }
     }
@@ -90,7 +112,11 @@ pub fn parse_request(
         ),
         None => None,
     };
-    Ok(EventsRequest { channels, cursor })
+    Ok(EventsRequest {
+        channels,
+        cursor,
+        duration,
+    })
 }
 
 pub async fn events(
@@ -107,7 +133,13 @@ pub async fn events(
     let attached = state
         .attach(&session, &request.channels, request.cursor)
         .await?;
-    let body = SseBody::new(session, request.channels, attached, &state);
+    let body = SseBody::new(
+        session,
+        request.channels,
+        request.duration,
+        attached,
+        &state,
+    );
     let mut response = Body::new(body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -222,6 +254,8 @@ pub(crate) struct SseBody {
     busy_since_position: bool,
     /// Something went out since the last heartbeat: the connection is visibly alive.
     busy_since_heartbeat: bool,
+    /// `?duration=`: when the stream ends by itself.
+    ends: Option<Pin<Box<Sleep>>>,
     opened: Instant,
     end: &'static str,
 }
@@ -230,6 +264,7 @@ impl SseBody {
     pub(crate) fn new(
         session: Session,
         channels: Vec<Channel>,
+        duration: Option<Duration>,
         attached: Attached,
         state: &GatewayState,
     ) -> Self {
@@ -269,6 +304,7 @@ impl SseBody {
             uncounted: 0,
             busy_since_position: false,
             busy_since_heartbeat: false,
+            ends: duration.map(|d| Box::pin(tokio::time::sleep(d))),
             opened: Instant::now(),
             end: "client",
         }
@@ -277,6 +313,12 @@ impl SseBody {
     pub(crate) fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
         loop {
             if self.finished {
+                return Poll::Ready(None);
+            }
+            if let Some(ends) = self.ends.as_mut()
+                && ends.as_mut().poll(cx).is_ready()
+            {
+                self.finish("duration");
                 return Poll::Ready(None);
             }
             if let Some(prelude) = self.prelude.take() {

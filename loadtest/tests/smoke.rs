@@ -1,0 +1,170 @@
+//! Keeps the generator working: every scenario, small and short, against a real gateway and
+//! publisher (in-memory broker) on ephemeral ports, checked through the generator's own
+//! figures.
+
+use std::{net::SocketAddr, path::Path, process::Command};
+
+use eventgate_broker::{Broker, BrokerConfig};
+use eventgate_gateway::GatewayConfig;
+use eventgate_publisher::PublisherConfig;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+struct Stack {
+    gateway: SocketAddr,
+    publisher: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+async fn start() -> Stack {
+    let broker = Broker::memory(&BrokerConfig::memory());
+    let shutdown = CancellationToken::new();
+    let gateway = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let publisher = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stack = Stack {
+        gateway: gateway.local_addr().expect("addr"),
+        publisher: publisher.local_addr().expect("addr"),
+        shutdown: shutdown.clone(),
+    };
+    tokio::spawn(eventgate_gateway::run(
+        GatewayConfig::default(),
+        broker.clone(),
+        gateway,
+        shutdown.clone(),
+    ));
+    tokio::spawn(eventgate_publisher::run(
+        PublisherConfig::default(),
+        broker,
+        publisher,
+        shutdown,
+    ));
+    stack
+}
+
+/// Runs loadgen with `args` against the gateway and publisher; returns its JSON figures.
+fn loadgen(gateway: SocketAddr, publisher: SocketAddr, results: &Path, args: &[&str]) -> Value {
+    let gateway = format!("http://{gateway}");
+    let publisher = format!("http://{publisher}");
+    let mut full: Vec<&str> = vec!["--json", results.to_str().expect("path")];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--gateway", &gateway, "--publisher", &publisher]);
+    let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(&full)
+        .output()
+        .expect("run loadgen");
+    assert!(
+        output.status.success(),
+        "loadgen {full:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = std::fs::read_to_string(results).expect("results");
+    serde_json::from_str(lines.lines().last().expect("a result line")).expect("JSON figures")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_reports_exact_figures() {
+    let stack = start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let results = dir.path().join("results.jsonl");
+    let (gateway, publisher) = (stack.gateway, stack.publisher);
+    let run = |args: &'static [&'static str]| {
+        let results = results.clone();
+        tokio::task::spawn_blocking(move || loadgen(gateway, publisher, &results, args))
+    };
+
+    let sse = run(&[
+        "fanout",
+        "--subscribers",
+        "300",
+        "--channels",
+        "3",
+        "--rate",
+        "200",
+        "--events",
+        "200",
+    ])
+    .await
+    .expect("join");
+    assert_eq!(sse["subscribers"], 300);
+    assert_eq!(sse["delivered"], sse["expected"]);
+    assert_eq!(sse["expected"], 200 * 100);
+    for key in ["lost", "duplicates", "out_of_order", "resets"] {
+        assert_eq!(sse[key], 0, "{key}: {sse}");
+    }
+    assert!(sse["latency_p50_ms"].as_f64().is_some_and(|ms| ms > 0.0));
+
+    let ws = run(&[
+        "--procs",
+        "2",
+        "fanout",
+        "--transport",
+        "ws",
+        "--subscribers",
+        "200",
+        "--rate",
+        "0",
+        "--events",
+        "100",
+    ])
+    .await
+    .expect("join");
+    assert_eq!(
+        ws["delivered"],
+        200 * 100,
+        "two generator processes, as fast as delivered: {ws}"
+    );
+    assert_eq!(ws["lost"], 0);
+
+    let idle = run(&["idle", "--connections", "300", "--hold", "100ms"])
+        .await
+        .expect("join");
+    assert_eq!(idle["connections"], 300);
+    assert_eq!(idle["held"], 300);
+
+    let publish = run(&[
+        "publish",
+        "--clients",
+        "4",
+        "--batch",
+        "10",
+        "--duration",
+        "500ms",
+    ])
+    .await
+    .expect("join");
+    assert!(
+        publish["events"]
+            .as_u64()
+            .is_some_and(|n| n > 0 && n % 10 == 0),
+        "{publish}"
+    );
+    assert_eq!(publish["errors"], 0);
+
+    let resume = run(&[
+        "resume",
+        "--clients",
+        "100",
+        "--behind",
+        "50",
+        "--timeout",
+        "20s",
+    ])
+    .await
+    .expect("join");
+    assert_eq!(resume["caught_up"], 100, "{resume}");
+    assert_eq!(resume["lost"], 0);
+    assert_eq!(resume["duplicates"], 0);
+
+    // The Markdown tables of BENCHMARKS.md come from the same figures.
+    let tables = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["report", "--input", results.to_str().expect("path")])
+        .output()
+        .expect("report");
+    let tables = String::from_utf8_lossy(&tables.stdout);
+    for heading in ["#### fanout", "#### idle", "#### publish", "#### resume"] {
+        assert!(tables.contains(heading), "{tables}");
+    }
+    stack.shutdown.cancel();
+}
