@@ -634,10 +634,7 @@ async fn resume(cli: &Cli, args: &ResumeArgs, sources: Arc<Sources>) -> anyhow::
     report.cpu("server CPU", "server", server_cpu, unique, "delivery");
     report.set("clients", args.clients as u64);
     report.set("caught_up", result.caught_up);
-    report.set(
-        "seconds",
-        report::round(caught_up_in.as_secs_f64() * 10.0) / 10.0,
-    );
+    report.set("seconds", report::round(caught_up_in.as_secs_f64()));
     report.set("lost", expected.saturating_sub(unique));
     report.set("duplicates", result.duplicates);
     Ok(report)
