@@ -48,12 +48,15 @@ enum Link {
         shard: Arc<Shard>,
         tasks: JoinSet<()>,
     },
-    Child {
-        child: Child,
-        stdin: ChildStdin,
-        counts: Arc<Counts>,
-        reader: JoinHandle<Option<ShardResult>>,
-    },
+    Child(Box<ChildLink>),
+}
+
+/// A generator process and what it reported so far.
+struct ChildLink {
+    child: Child,
+    stdin: ChildStdin,
+    counts: Arc<Counts>,
+    reader: JoinHandle<Option<ShardResult>>,
 }
 
 /// All subscribers of a scenario.
@@ -98,12 +101,12 @@ impl Shards {
                 let stdout = child.stdout.take().context("child stdout")?;
                 let counts = Arc::new(Counts::default());
                 let reader = tokio::spawn(read_child(stdout, counts.clone()));
-                links.push(Link::Child {
+                links.push(Link::Child(Box::new(ChildLink {
                     child,
                     stdin,
                     counts,
                     reader,
-                });
+                })));
             }
         }
         Ok(Self { links, total })
@@ -118,7 +121,7 @@ impl Shards {
             .iter()
             .map(|l| match l {
                 Link::Local { shard, .. } => local(shard).load(Ordering::Relaxed),
-                Link::Child { counts, .. } => pick(counts).load(Ordering::Relaxed),
+                Link::Child(link) => pick(&link.counts).load(Ordering::Relaxed),
             })
             .sum()
     }
@@ -165,12 +168,13 @@ impl Shards {
                     let cpu = cpu_time(std::process::id()).map_or(0, |d| d.as_millis() as u64);
                     results.push(shard.result(cpu));
                 }
-                Link::Child {
-                    mut child,
-                    mut stdin,
-                    reader,
-                    ..
-                } => {
+                Link::Child(link) => {
+                    let ChildLink {
+                        mut child,
+                        mut stdin,
+                        reader,
+                        ..
+                    } = *link;
                     let _ = stdin.write_all(b"stop\n").await;
                     drop(stdin);
                     let result = tokio::time::timeout(Duration::from_secs(30), reader).await;
