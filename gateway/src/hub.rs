@@ -41,6 +41,17 @@ pub struct ResetNotice {
     pub position: Option<u64>,
 }
 
+impl ResetNotice {
+    /// The channels among a client's `mine` that this notice is about.
+    pub fn among<'a>(&self, mine: impl IntoIterator<Item = &'a Channel>) -> Vec<Channel> {
+        let mine = mine.into_iter();
+        match &self.channels {
+            None => mine.cloned().collect(),
+            Some(list) => mine.filter(|c| list.contains(c)).cloned().collect(),
+        }
+    }
+}
+
 /// Why a client's queue was closed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CloseReason {

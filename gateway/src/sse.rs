@@ -420,14 +420,7 @@ impl SseBody {
             }
             Delivery::Heartbeat => Some(Bytes::from_static(b": ping\n\n")),
             Delivery::Reset(notice) => {
-                let channels: Vec<Channel> = match &notice.channels {
-                    None => self.channels.clone(),
-                    Some(list) => list
-                        .iter()
-                        .filter(|c| self.channels.contains(c))
-                        .cloned()
-                        .collect(),
-                };
+                let channels = notice.among(&self.channels);
                 if channels.is_empty() {
                     return None;
                 }

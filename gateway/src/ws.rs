@@ -283,14 +283,7 @@ impl WsConnection {
             Delivery::Position(_) => None,
             Delivery::Heartbeat => Some(Message::Ping(Bytes::new())),
             Delivery::Reset(notice) => {
-                let channels: Vec<Channel> = match &notice.channels {
-                    None => self.floors.keys().cloned().collect(),
-                    Some(list) => list
-                        .iter()
-                        .filter(|c| self.floors.contains_key(*c))
-                        .cloned()
-                        .collect(),
-                };
+                let channels = notice.among(self.floors.keys());
                 if channels.is_empty() {
                     return None;
                 }

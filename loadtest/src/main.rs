@@ -242,20 +242,15 @@ fn subscribers_on(channel: usize, subscribers: usize, channels: usize) -> u64 {
 async fn fanout(cli: &Cli, args: &FanoutArgs, sources: Arc<Sources>) -> anyhow::Result<Report> {
     let target = args.target.target()?;
     let prefix = unique_prefix("fan");
-    let spec = SubscriberSpec {
-        target: target.clone(),
-        transport: args.transport,
-        channel_prefix: prefix.clone(),
-        subscribers: args.subscribers,
-        channels: args.channels.max(1),
-        shard: 0,
-        shards: 1,
-        resume_from: None,
-        first_n: 0,
-        expect: None,
-        source_ips: cli.source_ips.clone(),
-        connect_concurrency: args.connect_concurrency,
-    };
+    let spec = SubscriberSpec::live(
+        target.clone(),
+        args.transport,
+        prefix.clone(),
+        args.subscribers,
+        args.channels,
+        cli.source_ips.clone(),
+        args.connect_concurrency,
+    );
     let connecting = Instant::now();
     let shards = Shards::start(spec, cli.procs).await?;
     if !shards.wait_ready(Duration::from_secs(120)).await {
@@ -399,20 +394,15 @@ async fn fanout(cli: &Cli, args: &FanoutArgs, sources: Arc<Sources>) -> anyhow::
 async fn idle(cli: &Cli, args: &IdleArgs) -> anyhow::Result<Report> {
     let target = args.target.target()?;
     let before: u64 = cli.server_pids.iter().filter_map(|&p| rss(p).ok()).sum();
-    let spec = SubscriberSpec {
-        target: target.clone(),
-        transport: args.transport,
-        channel_prefix: unique_prefix("idle"),
-        subscribers: args.connections,
-        channels: args.channels.max(1),
-        shard: 0,
-        shards: 1,
-        resume_from: None,
-        first_n: 0,
-        expect: None,
-        source_ips: cli.source_ips.clone(),
-        connect_concurrency: args.connect_concurrency,
-    };
+    let spec = SubscriberSpec::live(
+        target.clone(),
+        args.transport,
+        unique_prefix("idle"),
+        args.connections,
+        args.channels,
+        cli.source_ips.clone(),
+        args.connect_concurrency,
+    );
     let connecting = Instant::now();
     let shards = Shards::start(spec, cli.procs).await?;
     let all = shards.wait_ready(Duration::from_secs(300)).await;
@@ -576,18 +566,18 @@ async fn resume(cli: &Cli, args: &ResumeArgs, sources: Arc<Sources>) -> anyhow::
         n += batch;
     }
     let spec = SubscriberSpec {
-        target: target.clone(),
-        transport: args.transport,
-        channel_prefix: prefix,
-        subscribers: args.clients,
-        channels: 1,
-        shard: 0,
-        shards: 1,
         resume_from: Some(anchor),
         first_n: 1,
         expect: Some(args.behind),
-        source_ips: cli.source_ips.clone(),
-        connect_concurrency: args.connect_concurrency,
+        ..SubscriberSpec::live(
+            target.clone(),
+            args.transport,
+            prefix,
+            args.clients,
+            1,
+            cli.source_ips.clone(),
+            args.connect_concurrency,
+        )
     };
     let server_cpu = cpu_of(&cli.server_pids);
     let started = Instant::now();

@@ -49,6 +49,32 @@ pub struct SubscriberSpec {
 }
 
 impl SubscriberSpec {
+    /// Live subscribers from the current position, over every shard (set by `Shards`).
+    pub fn live(
+        target: Target,
+        transport: Transport,
+        channel_prefix: String,
+        subscribers: usize,
+        channels: usize,
+        source_ips: String,
+        connect_concurrency: usize,
+    ) -> Self {
+        Self {
+            target,
+            transport,
+            channel_prefix,
+            subscribers,
+            channels: channels.max(1),
+            shard: 0,
+            shards: 1,
+            resume_from: None,
+            first_n: 0,
+            expect: None,
+            source_ips,
+            connect_concurrency,
+        }
+    }
+
     pub fn mine(&self) -> impl Iterator<Item = usize> + '_ {
         (0..self.subscribers).filter(|i| i % self.shards == self.shard)
     }
