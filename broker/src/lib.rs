@@ -7,6 +7,7 @@
 //! - history per channel is capped (`HISTORY_MAX_LEN`) and expires `HISTORY_TTL` after the
 //!   channel's last event; [`history::assess`] tells when it is complete after a cursor.
 
+pub mod auth;
 pub mod channel;
 pub mod config;
 pub mod error;
