@@ -43,6 +43,10 @@ REDIS_PID=$!; PIDS+=("$REDIS_PID")
 for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT" RUST_LOG=warn
+# Fresh key material per run; loadgen reads EVENTGATE_PUBLISHER_KEY and EVENTGATE_TOKEN.
+export JWT_SECRET="$(head -c 32 /dev/urandom | base64 | tr -d '=+/\n')"
+export PUBLISHER_API_KEYS="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+export EVENTGATE_PUBLISHER_KEY="$PUBLISHER_API_KEYS"
 "$EG" publisher --publisher-addr "127.0.0.1:$PUB_PORT" > "$OUT/publisher.log" 2>&1 &
 PUB_PID=$!; PIDS+=("$PUB_PID")
 GW_PIDS=()
@@ -52,6 +56,11 @@ for i in "${!GW_PORTS[@]}"; do
 done
 wait_for "http://127.0.0.1:$PUB_PORT/readyz"
 for port in "${GW_PORTS[@]}"; do wait_for "http://127.0.0.1:$port/readyz"; done
+EVENTGATE_TOKEN="$(curl -sf -X POST "http://127.0.0.1:$PUB_PORT/v1/tokens" \
+  -H "Authorization: Bearer $PUBLISHER_API_KEYS" -H 'Content-Type: application/json' \
+  -d '{"sub":"bench","channels":["*"],"ttl_seconds":86400}' | sed 's/.*"token":"\([^"]*\)".*/\1/')"
+[ -n "$EVENTGATE_TOKEN" ] || { echo "could not mint a subscriber token" >&2; exit 1; }
+export EVENTGATE_TOKEN
 
 NGINX_PID=""
 start_nchan() { # workers

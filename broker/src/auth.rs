@@ -77,6 +77,12 @@ impl fmt::Debug for AuthConfig {
 #[error("{0}")]
 pub struct AuthSetupError(String);
 
+impl AuthSetupError {
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
 fn setup(message: impl Into<String>) -> AuthSetupError {
     AuthSetupError(message.into())
 }
@@ -103,7 +109,9 @@ impl Pattern {
             Channel::parse(prefix).is_ok()
         };
         if !valid {
-            return Err(format!("{text:?} is not a channel or a channel prefix ending in *"));
+            return Err(format!(
+                "{text:?} is not a channel or a channel prefix ending in *"
+            ));
         }
         Ok(Self {
             prefix: prefix.to_owned(),
@@ -171,9 +179,12 @@ impl Identity {
         channels.iter().find(|c| !self.may_read(c))
     }
 
-    /// Time left until the token expires.
-    pub fn remaining(&self) -> Duration {
-        Duration::from_secs(self.expires_at.saturating_sub(unix_now()))
+    /// Time left until the token expires, plus `leeway`.
+    pub fn remaining(&self, leeway: Duration) -> Duration {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (Duration::from_secs(self.expires_at) + leeway).saturating_sub(now)
     }
 }
 
@@ -202,6 +213,33 @@ pub enum AuthError {
     Claims(String),
     #[error("the ticket is unknown, used, or expired")]
     Ticket,
+    #[error("the Authorization header must be `Bearer <token>`")]
+    Scheme,
+    #[error(
+        "tokens in the URL are disabled (ALLOW_QUERY_TOKEN); get a ticket from POST /v1/tickets and use ?ticket="
+    )]
+    QueryTokenDisabled,
+}
+
+impl AuthError {
+    /// The stable error code clients see.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing_credential",
+            AuthError::Expired => "token_expired",
+            AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::Ticket => "invalid_ticket",
+            AuthError::Scheme => "invalid_credential",
+            AuthError::QueryTokenDisabled => "query_token_disabled",
+            AuthError::Malformed
+            | AuthError::BadSignature
+            | AuthError::Algorithm
+            | AuthError::Issuer
+            | AuthError::Audience
+            | AuthError::UnknownKey
+            | AuthError::Claims(_) => "invalid_token",
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -234,6 +272,7 @@ pub struct Verifier {
     keys: VerifyKeys,
     validation: Validation,
     defaults: Vec<String>,
+    leeway: Duration,
 }
 
 fn default_algorithm(key: &DecodingKey) -> Algorithm {
@@ -247,7 +286,8 @@ fn default_algorithm(key: &DecodingKey) -> Algorithm {
 }
 
 fn read_file(path: &PathBuf, setting: &str) -> Result<Vec<u8>, AuthSetupError> {
-    std::fs::read(path).map_err(|e| setup(format!("{setting}: cannot read {}: {e}", path.display())))
+    std::fs::read(path)
+        .map_err(|e| setup(format!("{setting}: cannot read {}: {e}", path.display())))
 }
 
 /// Reads a PEM public key of any supported kind.
@@ -273,57 +313,83 @@ impl Verifier {
                 ));
             }
             1 => {}
-            _ => return Err(setup("set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_FILE")),
+            _ => {
+                return Err(setup(
+                    "set only one of JWT_SECRET, JWT_PUBLIC_KEY_FILE, JWT_JWKS_FILE",
+                ));
+            }
         }
-        let (keys, families): (VerifyKeys, Vec<Algorithm>) = if let Some(secret) = &config.jwt_secret {
-            if secret.len() < 32 {
-                return Err(setup("JWT_SECRET must be at least 32 bytes"));
-            }
-            let key = DecodingKey::from_secret(secret.as_bytes()).map_err(|e| setup(format!("JWT_SECRET: {e}")))?;
-            let alg = default_algorithm(&key);
-            (VerifyKeys::One(key), vec![alg])
-        } else if let Some(path) = &config.jwt_public_key_file {
-            let key = public_key(&read_file(path, "JWT_PUBLIC_KEY_FILE")?)?;
-            let alg = default_algorithm(&key);
-            (VerifyKeys::One(key), vec![alg])
-        } else {
-            let path = config.jwt_jwks_file.as_ref().ok_or_else(|| setup("JWT_JWKS_FILE"))?;
-            let set: JwkSet = serde_json::from_slice(&read_file(path, "JWT_JWKS_FILE")?)
-                .map_err(|e| setup(format!("JWT_JWKS_FILE: not a JWKS document: {e}")))?;
-            let mut keys = HashMap::new();
-            let mut algorithms = Vec::new();
-            for jwk in &set.keys {
-                let kid = jwk.common.key_id.clone().ok_or_else(|| setup("JWT_JWKS_FILE: every key needs a kid"))?;
-                if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
-                    return Err(setup("JWT_JWKS_FILE: symmetric keys are not accepted; use JWT_SECRET"));
+        let (keys, families): (VerifyKeys, Vec<Algorithm>) =
+            if let Some(secret) = &config.jwt_secret {
+                if secret.len() < 32 {
+                    return Err(setup("JWT_SECRET must be at least 32 bytes"));
                 }
-                let key = DecodingKey::from_jwk(jwk).map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?;
-                let alg = match jwk.common.key_algorithm {
-                    Some(a) => Algorithm::try_from(a).map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?,
-                    None => default_algorithm(&key),
-                };
-                if !algorithms.contains(&alg) {
-                    algorithms.push(alg);
+                let key = DecodingKey::from_secret(secret.as_bytes())
+                    .map_err(|e| setup(format!("JWT_SECRET: {e}")))?;
+                let alg = default_algorithm(&key);
+                (VerifyKeys::One(key), vec![alg])
+            } else if let Some(path) = &config.jwt_public_key_file {
+                let key = public_key(&read_file(path, "JWT_PUBLIC_KEY_FILE")?)?;
+                let alg = default_algorithm(&key);
+                (VerifyKeys::One(key), vec![alg])
+            } else {
+                let path = config
+                    .jwt_jwks_file
+                    .as_ref()
+                    .ok_or_else(|| setup("JWT_JWKS_FILE"))?;
+                let set: JwkSet = serde_json::from_slice(&read_file(path, "JWT_JWKS_FILE")?)
+                    .map_err(|e| setup(format!("JWT_JWKS_FILE: not a JWKS document: {e}")))?;
+                let mut keys = HashMap::new();
+                let mut algorithms = Vec::new();
+                for jwk in &set.keys {
+                    let kid = jwk
+                        .common
+                        .key_id
+                        .clone()
+                        .ok_or_else(|| setup("JWT_JWKS_FILE: every key needs a kid"))?;
+                    if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+                        return Err(setup(
+                            "JWT_JWKS_FILE: symmetric keys are not accepted; use JWT_SECRET",
+                        ));
+                    }
+                    let key = DecodingKey::from_jwk(jwk)
+                        .map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?;
+                    let alg = match jwk.common.key_algorithm {
+                        Some(a) => Algorithm::try_from(a)
+                            .map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?,
+                        None => default_algorithm(&key),
+                    };
+                    if !algorithms.contains(&alg) {
+                        algorithms.push(alg);
+                    }
+                    keys.insert(kid, key);
                 }
-                keys.insert(kid, key);
-            }
-            if keys.is_empty() {
-                return Err(setup("JWT_JWKS_FILE: no keys"));
-            }
-            (VerifyKeys::ByKid(keys), algorithms)
-        };
+                if keys.is_empty() {
+                    return Err(setup("JWT_JWKS_FILE: no keys"));
+                }
+                (VerifyKeys::ByKid(keys), algorithms)
+            };
         let algorithms = match &config.jwt_algorithms {
             None => families,
             Some(names) => {
                 let pinned = names
                     .iter()
-                    .map(|n| n.trim().parse::<Algorithm>().map_err(|_| setup(format!("JWT_ALGORITHMS: unknown algorithm {n:?}"))))
+                    .map(|n| {
+                        n.trim()
+                            .parse::<Algorithm>()
+                            .map_err(|_| setup(format!("JWT_ALGORITHMS: unknown algorithm {n:?}")))
+                    })
                     .collect::<Result<Vec<_>, _>>()?;
                 // Each pinned algorithm must belong to the configured key's family: an RSA
                 // public key must never be usable as an HMAC secret.
                 let family_of = |a: &Algorithm| a.family();
-                if let Some(bad) = pinned.iter().find(|a| !families.iter().any(|f| family_of(f) == family_of(a))) {
-                    return Err(setup(format!("JWT_ALGORITHMS: {bad:?} does not fit the configured key")));
+                if let Some(bad) = pinned
+                    .iter()
+                    .find(|a| !families.iter().any(|f| family_of(f) == family_of(a)))
+                {
+                    return Err(setup(format!(
+                        "JWT_ALGORITHMS: {bad:?} does not fit the configured key"
+                    )));
                 }
                 pinned
             }
@@ -345,7 +411,14 @@ impl Verifier {
             keys,
             validation,
             defaults: config.default_channels.clone(),
+            leeway: config.jwt_leeway,
         })
+    }
+
+    /// The clock skew allowed on `exp` (`JWT_LEEWAY`); an open connection ends this long after
+    /// its token's `exp`.
+    pub fn leeway(&self) -> Duration {
+        self.leeway
     }
 
     /// Verifies `token` and returns who it is for and what it grants.
@@ -359,17 +432,23 @@ impl Verifier {
                 .and_then(|kid| keys.get(kid))
                 .ok_or(AuthError::UnknownKey)?,
         };
-        let data = jsonwebtoken::decode::<TokenClaims>(token, key, &self.validation).map_err(|e| match e.kind() {
-            ErrorKind::InvalidSignature => AuthError::BadSignature,
-            ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName | ErrorKind::InvalidKeyFormat => AuthError::Algorithm,
-            ErrorKind::ExpiredSignature => AuthError::Expired,
-            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-            ErrorKind::InvalidIssuer => AuthError::Issuer,
-            ErrorKind::InvalidAudience => AuthError::Audience,
-            ErrorKind::MissingRequiredClaim(claim) => AuthError::Claims(format!("{claim} is required")),
-            ErrorKind::Json(e) => AuthError::Claims(e.to_string()),
-            _ => AuthError::Malformed,
-        })?;
+        let data = jsonwebtoken::decode::<TokenClaims>(token, key, &self.validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::InvalidAlgorithm
+                | ErrorKind::InvalidAlgorithmName
+                | ErrorKind::InvalidKeyFormat => AuthError::Algorithm,
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidIssuer => AuthError::Issuer,
+                ErrorKind::InvalidAudience => AuthError::Audience,
+                ErrorKind::MissingRequiredClaim(claim) => {
+                    AuthError::Claims(format!("{claim} is required"))
+                }
+                ErrorKind::Json(e) => AuthError::Claims(e.to_string()),
+                _ => AuthError::Malformed,
+            },
+        )?;
         let claims = data.claims;
         let mut grants = claims
             .channels
@@ -379,9 +458,9 @@ impl Verifier {
             .map_err(|e| AuthError::Claims(format!("channels: {e}")))?;
         // Defaults apply only where the subject makes a valid channel name.
         grants.extend(
-            self.defaults
-                .iter()
-                .filter_map(|template| Pattern::parse(&template.replace("{sub}", &claims.sub)).ok()),
+            self.defaults.iter().filter_map(|template| {
+                Pattern::parse(&template.replace("{sub}", &claims.sub)).ok()
+            }),
         );
         Ok(Identity {
             sub: claims.sub,
@@ -403,7 +482,8 @@ impl Minter {
     /// `None` when no signing key is configured (minting is then unavailable).
     pub fn new(config: &AuthConfig) -> Result<Option<Self>, AuthSetupError> {
         let (key, algorithm) = if let Some(secret) = &config.jwt_secret {
-            let key = EncodingKey::from_secret(secret.as_bytes()).map_err(|e| setup(format!("JWT_SECRET: {e}")))?;
+            let key = EncodingKey::from_secret(secret.as_bytes())
+                .map_err(|e| setup(format!("JWT_SECRET: {e}")))?;
             (key, Algorithm::HS256)
         } else if let Some(path) = &config.jwt_private_key_file {
             let pem = read_file(path, "JWT_PRIVATE_KEY_FILE")?;
@@ -414,16 +494,23 @@ impl Minter {
             } else if let Ok(key) = EncodingKey::from_ed_pem(&pem) {
                 (key, Algorithm::EdDSA)
             } else {
-                return Err(setup("JWT_PRIVATE_KEY_FILE: not a PEM RSA, EC or Ed25519 private key"));
+                return Err(setup(
+                    "JWT_PRIVATE_KEY_FILE: not a PEM RSA, EC or Ed25519 private key",
+                ));
             }
         } else {
             return Ok(None);
         };
         let algorithm = match config.jwt_algorithms.as_deref().and_then(|a| a.first()) {
             Some(name) => {
-                let pinned: Algorithm = name.trim().parse().map_err(|_| setup(format!("JWT_ALGORITHMS: unknown {name:?}")))?;
+                let pinned: Algorithm = name
+                    .trim()
+                    .parse()
+                    .map_err(|_| setup(format!("JWT_ALGORITHMS: unknown {name:?}")))?;
                 if pinned.family() != algorithm.family() {
-                    return Err(setup(format!("JWT_ALGORITHMS: {pinned:?} does not fit the signing key")));
+                    return Err(setup(format!(
+                        "JWT_ALGORITHMS: {pinned:?} does not fit the signing key"
+                    )));
                 }
                 pinned
             }
@@ -439,7 +526,12 @@ impl Minter {
 
     /// A token for `sub` granting `channels`, valid for `ttl`; returns it and its expiry
     /// (Unix seconds).
-    pub fn mint(&self, sub: &str, channels: &[Pattern], ttl: Duration) -> Result<(String, u64), AuthSetupError> {
+    pub fn mint(
+        &self,
+        sub: &str,
+        channels: &[Pattern],
+        ttl: Duration,
+    ) -> Result<(String, u64), AuthSetupError> {
         let now = unix_now();
         let exp = now + ttl.as_secs().max(1);
         let claims = MintedClaims {
@@ -526,14 +618,23 @@ mod tests {
     fn minted_tokens_verify_with_defaults_for_the_subject() {
         let config = secret_config();
         let minter = Minter::new(&config).unwrap().unwrap();
-        let (token, exp) = minter.mint("alex", &[Pattern::parse("invoice:*").unwrap()], Duration::from_secs(60)).unwrap();
+        let (token, exp) = minter
+            .mint(
+                "alex",
+                &[Pattern::parse("invoice:*").unwrap()],
+                Duration::from_secs(60),
+            )
+            .unwrap();
         let identity = Verifier::new(&config).unwrap().verify(&token).unwrap();
         assert_eq!(identity.sub, "alex");
         assert_eq!(identity.expires_at, exp);
         assert!(identity.may_read(&ch("invoice:7")));
         assert!(identity.may_read(&ch("user:alex")));
         assert!(!identity.may_read(&ch("user:bob")));
-        assert_eq!(identity.first_denied(&[ch("invoice:1"), ch("orders")]), Some(&ch("orders")));
+        assert_eq!(
+            identity.first_denied(&[ch("invoice:1"), ch("orders")]),
+            Some(&ch("orders"))
+        );
     }
 
     #[test]
@@ -544,7 +645,10 @@ mod tests {
         assert!(Verifier::new(&short).is_err());
         let mut pinned = secret_config();
         pinned.jwt_algorithms = Some(vec!["RS256".into()]);
-        assert!(Verifier::new(&pinned).is_err(), "an HMAC secret cannot verify RS256");
+        assert!(
+            Verifier::new(&pinned).is_err(),
+            "an HMAC secret cannot verify RS256"
+        );
     }
 
     #[test]

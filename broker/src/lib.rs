@@ -14,6 +14,7 @@ pub mod error;
 pub mod event;
 pub mod history;
 pub mod memory;
+pub mod redact;
 pub mod redis;
 
 use std::{
@@ -122,6 +123,31 @@ impl Broker {
                 let (sink, stream) = r.connect_live(replica).await?;
                 Ok((LiveSink::Redis(sink), LiveStream::Redis(stream)))
             }
+        }
+    }
+
+    /// Stores a one-time ticket (see [`auth::new_ticket`]) with `payload` for `ttl`, under its
+    /// digest so the store never holds a usable ticket. `Ok(false)`: that ticket exists.
+    pub async fn put_ticket(
+        &self,
+        ticket: &str,
+        payload: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<bool, BrokerError> {
+        let digest = auth::ticket_digest(ticket);
+        match self {
+            Broker::Memory(m) => Ok(m.put_ticket(&digest, payload, ttl)),
+            Broker::Redis(r) => r.put_ticket(&digest, payload, ttl).await,
+        }
+    }
+
+    /// Redeems a ticket: its payload, once, on any replica; `None` when unknown, used or
+    /// expired.
+    pub async fn take_ticket(&self, ticket: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        let digest = auth::ticket_digest(ticket);
+        match self {
+            Broker::Memory(m) => Ok(m.take_ticket(&digest)),
+            Broker::Redis(r) => r.take_ticket(&digest).await,
         }
     }
 

@@ -20,6 +20,7 @@ use crate::{
 /// An in-process broker. Cheap to share: wrap it in an `Arc`.
 pub struct MemoryBroker {
     state: Mutex<State>,
+    tickets: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
     max_len: usize,
     ttl: Duration,
     bucket: Duration,
@@ -69,6 +70,7 @@ impl MemoryBroker {
                 next_conn: 0,
                 next_sweep: now,
             }),
+            tickets: Mutex::new(HashMap::new()),
             max_len: usize::try_from(config.history_max_len)
                 .unwrap_or(usize::MAX)
                 .max(1),
@@ -81,6 +83,29 @@ impl MemoryBroker {
     /// The operation timeout callers use for waits that involve this broker.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// Stores a one-time ticket under its digest until `ttl` passes; `false` if taken.
+    pub fn put_ticket(&self, digest: &str, payload: &[u8], ttl: Duration) -> bool {
+        let now = Instant::now();
+        let mut tickets = self.tickets.lock().unwrap_or_else(PoisonError::into_inner);
+        // Expired tickets are dropped whenever the map doubles, so it stays bounded by the
+        // tickets issued within one TTL.
+        if tickets.len() >= 1024 && tickets.len().is_power_of_two() {
+            tickets.retain(|_, (_, until)| *until > now);
+        }
+        if tickets.get(digest).is_some_and(|(_, until)| *until > now) {
+            return false;
+        }
+        tickets.insert(digest.to_owned(), (payload.to_vec(), now + ttl));
+        true
+    }
+
+    /// Takes a ticket: its payload if it exists and has not expired; it is gone either way.
+    pub fn take_ticket(&self, digest: &str) -> Option<Vec<u8>> {
+        let mut tickets = self.tickets.lock().unwrap_or_else(PoisonError::into_inner);
+        let (payload, until) = tickets.remove(digest)?;
+        (until > Instant::now()).then_some(payload)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

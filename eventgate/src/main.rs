@@ -4,9 +4,12 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use eventgate_broker::{Broker, BrokerConfig};
+use eventgate_broker::{
+    Broker, BrokerConfig,
+    auth::{AuthConfig, AuthSetupError, Minter, Pattern, Verifier, new_secret},
+};
 use eventgate_gateway::GatewayConfig;
-use eventgate_publisher::PublisherConfig;
+use eventgate_publisher::{PublisherAuth, PublisherConfig};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -41,19 +44,23 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a gateway replica (needs REDIS_URL).
+    /// Run a gateway replica (needs REDIS_URL and a JWT key).
     Gateway {
         #[command(flatten)]
         broker: BrokerConfig,
         #[command(flatten)]
         gateway: GatewayConfig,
+        #[command(flatten)]
+        auth: AuthConfig,
     },
-    /// Run the publisher API (needs REDIS_URL).
+    /// Run the publisher API (needs REDIS_URL and API keys).
     Publisher {
         #[command(flatten)]
         broker: BrokerConfig,
         #[command(flatten)]
         publisher: PublisherConfig,
+        #[command(flatten)]
+        auth: AuthConfig,
     },
     /// Run both in one process; in memory unless REDIS_URL is set (the default command).
     Standalone(StandaloneArgs),
@@ -67,6 +74,8 @@ struct StandaloneArgs {
     gateway: GatewayConfig,
     #[command(flatten)]
     publisher: PublisherConfig,
+    #[command(flatten)]
+    auth: AuthConfig,
 }
 
 /// Exit statuses, from sysexits.h.
@@ -134,19 +143,29 @@ async fn run(command: Command) -> Result<(), Failure> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match command {
-        Command::Gateway { broker, gateway } => {
+        Command::Gateway {
+            broker,
+            gateway,
+            auth,
+        } => {
+            let verifier = Verifier::new(&auth).map_err(usage)?;
             let broker = connect_redis(&broker, "gateway").await?;
             let listener = bind(gateway.gateway_addr, "gateway").await?;
             announce("gateway", &listener, &broker);
-            eventgate_gateway::run(gateway, broker, listener, shutdown)
+            eventgate_gateway::run(gateway, broker, verifier, listener, shutdown)
                 .await
                 .map_err(|e| Failure(EX_OSERR, e.into()))
         }
-        Command::Publisher { broker, publisher } => {
+        Command::Publisher {
+            broker,
+            publisher,
+            auth,
+        } => {
+            let publisher_auth = PublisherAuth::from_config(&publisher, &auth).map_err(usage)?;
             let broker = connect_redis(&broker, "publisher").await?;
             let listener = bind(publisher.publisher_addr, "publisher").await?;
             announce("publisher", &listener, &broker);
-            eventgate_publisher::run(publisher, broker, listener, shutdown)
+            eventgate_publisher::run(publisher, broker, publisher_auth, listener, shutdown)
                 .await
                 .map_err(|e| Failure(EX_OSERR, e.into()))
         }
@@ -154,7 +173,64 @@ async fn run(command: Command) -> Result<(), Failure> {
     }
 }
 
-async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> Result<(), Failure> {
+fn usage(e: AuthSetupError) -> Failure {
+    Failure(EX_USAGE, e.into())
+}
+
+/// Key material generated for a standalone run that was given none, to print.
+struct Generated {
+    secret: Option<String>,
+    key: Option<String>,
+    /// A token reading every channel, with the generated secret.
+    token: Option<String>,
+}
+
+/// Standalone keeps the quick start at two commands: with no key material configured it makes
+/// a random JWT secret and publisher key for this run, and a token that reads every channel.
+fn standalone_keys(args: &mut StandaloneArgs) -> Result<Generated, Failure> {
+    let no_jwt_key = args.auth.jwt_secret.is_none()
+        && args.auth.jwt_public_key_file.is_none()
+        && args.auth.jwt_jwks_file.is_none();
+    let secret = no_jwt_key.then(new_secret);
+    if secret.is_some() {
+        args.auth.jwt_secret = secret.clone();
+    }
+    let key = if args.publisher.publisher_api_keys.is_empty()
+        && args.publisher.publisher_api_keys_file.is_none()
+    {
+        let key = new_secret();
+        args.publisher.publisher_api_keys = vec![key.clone()];
+        Some(key)
+    } else {
+        None
+    };
+    // A ready token only with a secret made for this run: never a long-lived wildcard token
+    // signed with a configured (perhaps production) key.
+    let token = match &secret {
+        Some(_) => {
+            let everything = Pattern::parse("*").map_err(|e| usage(AuthSetupError::new(e)))?;
+            Minter::new(&args.auth)
+                .map_err(usage)?
+                .map(|minter| {
+                    minter.mint(
+                        "demo",
+                        &[everything],
+                        std::time::Duration::from_secs(24 * 3600),
+                    )
+                })
+                .transpose()
+                .map_err(usage)?
+                .map(|(token, _)| token)
+        }
+        None => None,
+    };
+    Ok(Generated { secret, key, token })
+}
+
+async fn standalone(mut args: StandaloneArgs, shutdown: CancellationToken) -> Result<(), Failure> {
+    let generated = standalone_keys(&mut args)?;
+    let verifier = Verifier::new(&args.auth).map_err(usage)?;
+    let publisher_auth = PublisherAuth::from_config(&args.publisher, &args.auth).map_err(usage)?;
     let broker = Broker::from_config(&args.broker)
         .await
         .with_context(|| redis_context(&args.broker))
@@ -173,21 +249,58 @@ async fn standalone(args: StandaloneArgs, shutdown: CancellationToken) -> Result
     println!("eventgate standalone ({where_})");
     println!("  gateway    {gateway_url}");
     println!("  publisher  {publisher_url}");
-    println!("Try it, in two terminals:");
-    println!("  curl -N '{gateway_url}/v1/events?channel=orders'");
-    println!(
-        "  curl -X POST '{publisher_url}/v1/publish' -H 'Content-Type: application/json' \
-         -d '{{\"channel\":\"orders\",\"event\":\"order:created\",\"data\":{{\"id\":42}}}}'"
-    );
+    print_quick_start(&generated, &gateway_url, &publisher_url);
     let gateway = eventgate_gateway::run(
         args.gateway,
         broker.clone(),
+        verifier,
         gateway_listener,
         shutdown.clone(),
     );
-    let publisher = eventgate_publisher::run(args.publisher, broker, publisher_listener, shutdown);
+    let publisher = eventgate_publisher::run(
+        args.publisher,
+        broker,
+        publisher_auth,
+        publisher_listener,
+        shutdown,
+    );
     let (g, p) = tokio::join!(gateway, publisher);
     g.and(p).map_err(|e| Failure(EX_OSERR, e.into()))
+}
+
+/// Prints generated keys (to stdout, never to the log) and commands that work as printed.
+fn print_quick_start(generated: &Generated, gateway_url: &str, publisher_url: &str) {
+    if generated.secret.is_some() || generated.key.is_some() {
+        println!(
+            "Generated for this run (set JWT_SECRET and PUBLISHER_API_KEYS to choose your own):"
+        );
+    }
+    if let Some(secret) = &generated.secret {
+        println!("  JWT_SECRET          {secret}");
+    }
+    if let Some(key) = &generated.key {
+        println!("  PUBLISHER_API_KEYS  {key}");
+    }
+    let key = generated.key.as_deref().unwrap_or("<publisher key>");
+    let Some(token) = &generated.token else {
+        println!("Mint a subscriber token (with JWT_SECRET or JWT_PRIVATE_KEY_FILE set):");
+        println!(
+            "  curl -X POST '{publisher_url}/v1/tokens' -H 'Authorization: Bearer {key}' \
+             -H 'Content-Type: application/json' -d '{{\"sub\":\"demo\",\"channels\":[\"orders\"]}}'"
+        );
+        return;
+    };
+    println!("  subscriber token    {token}");
+    println!("                      (sub \"demo\", reads every channel, valid 24 h)");
+    println!("Try it, in two terminals:");
+    println!(
+        "  curl -N -H 'Authorization: Bearer {token}' '{gateway_url}/v1/events?channel=orders'"
+    );
+    println!(
+        "  curl -X POST '{publisher_url}/v1/publish' -H 'Authorization: Bearer {key}' \
+         -H 'Content-Type: application/json' \
+         -d '{{\"channel\":\"orders\",\"event\":\"order:created\",\"data\":{{\"id\":42}}}}'"
+    );
 }
 
 async fn connect_redis(config: &BrokerConfig, role: &str) -> Result<Broker, Failure> {

@@ -6,7 +6,22 @@ mod support;
 use std::process::Stdio;
 
 use reqwest::StatusCode;
-use support::{RedisServer, SOON, redis::free_port, wait_until};
+use support::{RedisServer, SOON, TEST_PUBLISHER_KEY, TEST_SECRET, redis::free_port, wait_until};
+
+/// Key material for the `gateway` and `publisher` commands.
+const KEYS: [(&str, &str); 2] = [
+    ("JWT_SECRET", TEST_SECRET),
+    ("PUBLISHER_API_KEYS", TEST_PUBLISHER_KEY),
+];
+
+/// The value printed after `label` in standalone's banner.
+fn printed_value(lines: &[String], label: &str) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .map(|v| v.trim().to_owned())
+        .unwrap_or_else(|| panic!("no {label} in {lines:#?}"))
+}
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, BufReader},
     process::{Child, Command},
@@ -105,7 +120,7 @@ async fn standalone_prints_curl_commands_that_work_and_exits_on_sigterm() {
         .expect("curl");
     let gateway = curls[0]
         .split('\'')
-        .nth(1)
+        .find(|part| part.starts_with("http"))
         .expect("URL")
         .split("/v1/")
         .next()
@@ -169,7 +184,7 @@ async fn standalone_prints_curl_commands_that_work_and_exits_on_sigterm() {
 #[tokio::test]
 async fn gateway_and_publisher_refuse_to_start_without_redis_url() {
     for role in ["gateway", "publisher"] {
-        let (code, output) = run_to_exit(&[role], &[]).await;
+        let (code, output) = run_to_exit(&[role], &KEYS).await;
         assert_eq!(code, Some(64), "{output}");
         assert!(output.contains("REDIS_URL"), "{output}");
         assert!(
@@ -184,8 +199,16 @@ async fn unreachable_redis_exits_69_naming_it_without_the_password() {
     let port = free_port();
     let url = format!("redis://:hunter2@127.0.0.1:{port}");
     for role in ["gateway", "publisher"] {
-        let (code, output) =
-            run_to_exit(&[role], &[("REDIS_URL", &url), ("REDIS_TIMEOUT", "1s")]).await;
+        let (code, output) = run_to_exit(
+            &[role],
+            &[
+                KEYS[0],
+                KEYS[1],
+                ("REDIS_URL", &url),
+                ("REDIS_TIMEOUT", "1s"),
+            ],
+        )
+        .await;
         assert_eq!(code, Some(69), "{output}");
         assert!(output.contains(&format!("127.0.0.1:{port}")), "{output}");
         assert!(!output.contains("hunter2"), "the password leaked: {output}");
@@ -220,16 +243,20 @@ async fn listening_url(child: &mut Child) -> String {
 async fn gateway_and_publisher_processes_work_on_a_password_protected_redis() {
     let redis = RedisServer::start_with_password("s3cret-pw").await;
     let url = redis.url();
-    let common = [("REDIS_URL", url.as_str()), ("LOG_FORMAT", "json")];
+    let common = [
+        ("REDIS_URL", url.as_str()),
+        ("LOG_FORMAT", "json"),
+        KEYS[0],
+        KEYS[1],
+    ];
     let mut gateway = eventgate(&["gateway", "--gateway-addr", "127.0.0.1:0"], &common);
-    let mut publisher = eventgate(
-        &["publisher"],
-        &[common[0], common[1], ("PUBLISHER_ADDR", "127.0.0.1:0")],
-    );
+    let mut publisher_env = common.to_vec();
+    publisher_env.push(("PUBLISHER_ADDR", "127.0.0.1:0"));
+    let mut publisher = eventgate(&["publisher"], &publisher_env);
     let gateway_url = listening_url(&mut gateway).await;
     let publisher_url = listening_url(&mut publisher).await;
 
-    let http = reqwest::Client::new();
+    let http = support::authed_client();
     let mut client = support::SseClient::connect(
         &http,
         &format!("{gateway_url}/v1/events?channel=orders"),
@@ -240,6 +267,7 @@ async fn gateway_and_publisher_processes_work_on_a_password_protected_redis() {
     client.next_block(SOON).await.expect("opening");
     let answer = http
         .post(format!("{publisher_url}/v1/publish"))
+        .bearer_auth(TEST_PUBLISHER_KEY)
         .header("content-type", "application/json")
         .body(r#"{"channel":"orders","data":{"paid":true}}"#)
         .send()
@@ -305,8 +333,10 @@ async fn standalone_uses_redis_when_redis_url_is_set() {
                 .map(|u| u.trim().to_owned())
         })
         .expect("publisher URL");
+    let key = printed_value(&lines, "PUBLISHER_API_KEYS");
     let answer = reqwest::Client::new()
         .post(format!("{publisher}/v1/publish"))
+        .bearer_auth(key)
         .header("content-type", "application/json")
         .body(r#"{"channel":"orders","data":1}"#)
         .send()

@@ -400,7 +400,7 @@ async fn slow_client_is_dropped_while_a_fast_one_gets_everything(backend: Backen
         .set_recv_buffer_size(4096)
         .expect("small receive buffer");
     let mut slow = socket.connect(addr).await.expect("connect");
-    slow.write_all(b"GET /v1/events?channel=orders HTTP/1.1\r\nhost: test\r\n\r\n")
+    slow.write_all(support::raw_sse_request("channel=orders").as_bytes())
         .await
         .expect("request");
     let mut fast = stack.subscribe("channel=orders").await;
@@ -618,7 +618,7 @@ async fn a_stream_on_a_reused_keep_alive_connection_works_the_same(backend: Back
         assert!(n > 0, "connection closed after the first request");
         seen.extend_from_slice(&buf[..n]);
     }
-    conn.write_all(b"GET /v1/events?channel=orders HTTP/1.1\r\nhost: test\r\n\r\n")
+    conn.write_all(support::raw_sse_request("channel=orders").as_bytes())
         .await
         .expect("second request");
     assert!(

@@ -49,10 +49,27 @@ pub struct GatewayConfig {
           value_parser = clap::value_parser!(u32).range(64..=16 * 1024 * 1024))]
     pub ws_max_message_bytes: u32,
 
-    /// Origins allowed to open WebSockets, comma-separated (`https://app.example.com`). Unset:
-    /// any. A browser handshake from another origin is refused with 403.
+    /// Browser origins allowed in, comma-separated (`https://app.example.com`): they may read
+    /// `/v1/events` and `/v1/tickets` cross-origin (CORS, with credentials) and open
+    /// WebSockets; a WebSocket handshake from another origin gets 403. Unset: no CORS, and
+    /// any origin may open a WebSocket with a token or ticket (a cookie only from the
+    /// gateway's own origin).
     #[arg(long, env = "ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
+
+    /// Cookie holding a subscriber JWT, for apps that set one on the gateway's site. Unset:
+    /// cookies are not read.
+    #[arg(long, env = "AUTH_COOKIE")]
+    pub auth_cookie: Option<String>,
+
+    /// Accept `?token=<JWT>` in the URL. Off: URLs end up in access logs and browser history;
+    /// browsers should use one-time tickets (`POST /v1/tickets`, then `?ticket=`).
+    #[arg(long, env = "ALLOW_QUERY_TOKEN", default_value_t = false, action = clap::ArgAction::Set)]
+    pub allow_query_token: bool,
+
+    /// How long a ticket from `POST /v1/tickets` may be redeemed (once).
+    #[arg(long, env = "TICKET_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub ticket_ttl: Duration,
 
     /// History entries read per channel per round trip when replaying.
     #[arg(long, env = "REPLAY_PAGE_SIZE", default_value_t = 500,
@@ -78,6 +95,9 @@ impl Default for GatewayConfig {
             ws_max_subscriptions: 64,
             ws_max_message_bytes: 16 * 1024,
             allowed_origins: None,
+            auth_cookie: None,
+            allow_query_token: false,
+            ticket_ttl: Duration::from_secs(30),
             replay_page_size: 500,
             shutdown_timeout: Duration::from_secs(10),
         }

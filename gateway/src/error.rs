@@ -4,8 +4,11 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use eventgate_broker::BrokerError;
+use eventgate_broker::{BrokerError, Channel, auth::AuthError};
 use serde_json::json;
+
+/// The challenge sent with every 401 (RFC 6750).
+pub const WWW_AUTHENTICATE: &str = "Bearer realm=\"eventgate\"";
 
 /// An error answered to an HTTP client.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +33,15 @@ pub enum ApiError {
     /// The client was disconnected (its queue overflowed) while the request was in flight.
     #[error("the connection was closed as too slow")]
     Gone,
+    /// No usable credential (401).
+    #[error("{0}")]
+    Unauthorized(AuthError),
+    /// The credential does not grant this channel (403).
+    #[error("this token may not read channel {0}")]
+    Forbidden(Channel),
+    /// A bug or a broken store; the message is for logs, not secrets.
+    #[error("internal error")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -55,6 +67,9 @@ impl ApiError {
             ApiError::Gone => (StatusCode::SERVICE_UNAVAILABLE, "slow_consumer"),
             ApiError::Handshake(status, _) => (*status, "websocket_handshake"),
             ApiError::OriginNotAllowed(_) => (StatusCode::FORBIDDEN, "origin_not_allowed"),
+            ApiError::Unauthorized(e) => (StatusCode::UNAUTHORIZED, e.code()),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
@@ -69,8 +84,10 @@ impl ApiError {
     /// Status and JSON body, for any transport that writes its own response.
     pub fn render(&self) -> (StatusCode, String) {
         let (status, code) = self.status_and_code();
-        if let ApiError::Unavailable(Some(cause)) = self {
-            tracing::warn!(error = %cause, "answering 503");
+        match self {
+            ApiError::Unavailable(Some(cause)) => tracing::warn!(error = %cause, "answering 503"),
+            ApiError::Internal(cause) => tracing::error!(%cause, "answering 500"),
+            _ => {}
         }
         let body = json!({"error": {"code": code, "message": self.to_string()}});
         (status, body.to_string())
@@ -88,6 +105,12 @@ impl IntoResponse for ApiError {
         );
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(WWW_AUTHENTICATE),
+            );
         }
         response
     }

@@ -7,6 +7,7 @@
 //! - [`sse`]: the `/v1/events` endpoint;
 //! - [`ws`]: the `/v1/ws` endpoint.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod frame;
@@ -26,15 +27,24 @@ use std::{
 
 use axum::{
     Json, Router,
-    extract::State,
-    http::StatusCode,
+    extract::{Request, State},
+    http::{HeaderName, Method, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
-use eventgate_broker::Broker;
+use eventgate_broker::{
+    Broker,
+    auth::Verifier,
+    redact::{log_response, request_span},
+};
 use serde_json::json;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
 use tokio_util::sync::CancellationToken;
+use tower_http::{
+    cors::{AllowOrigin, CorsLayer},
+    sensitive_headers::SetSensitiveRequestHeadersLayer,
+    trace::TraceLayer,
+};
 
 pub use config::GatewayConfig;
 
@@ -58,6 +68,8 @@ pub struct GatewayState {
     pub shutdown: CancellationToken,
     /// How long a request waits for the broker before answering 503.
     pub broker_timeout: Duration,
+    /// Verifies subscribers.
+    pub auth: auth::Authenticator,
 }
 
 /// A started gateway: its state and the background tasks it owns.
@@ -68,7 +80,12 @@ pub struct Gateway {
 
 impl Gateway {
     /// Starts the hub and the live connection task. Nothing listens yet.
-    pub fn start(config: GatewayConfig, broker: Broker, shutdown: CancellationToken) -> Self {
+    pub fn start(
+        config: GatewayConfig,
+        broker: Broker,
+        verifier: Verifier,
+        shutdown: CancellationToken,
+    ) -> Self {
         let replica = config
             .replica_id
             .clone()
@@ -103,7 +120,14 @@ impl Gateway {
             config.heartbeat_interval,
             shutdown.clone(),
         ));
+        let auth = auth::Authenticator {
+            verifier,
+            cookie: config.auth_cookie.clone(),
+            allow_query_token: config.allow_query_token,
+            ticket_ttl: config.ticket_ttl,
+        };
         let state = Arc::new(GatewayState {
+            auth,
             broker_timeout: broker.timeout(),
             config,
             replica,
@@ -151,26 +175,62 @@ async fn heartbeat_and_shutdown(hub: Arc<Hub>, interval: Duration, shutdown: Can
 pub async fn run(
     config: GatewayConfig,
     broker: Broker,
+    verifier: Verifier,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    Gateway::start(config, broker, shutdown)
+    Gateway::start(config, broker, verifier, shutdown)
         .serve(listener)
         .await
 }
 
-/// The gateway's routes.
+/// The gateway's routes. Browsers on `ALLOWED_ORIGINS` may call the events and tickets
+/// endpoints cross-origin, with credentials.
 pub fn app(state: Arc<GatewayState>) -> Router {
-    Router::new()
+    let mut browser = Router::new()
         .route("/v1/events", get(sse::events))
+        .route("/v1/tickets", post(auth::tickets));
+    if let Some(origins) = state.config.allowed_origins.clone() {
+        let cors = CorsLayer::new()
+            .allow_origin(AllowOrigin::predicate(move |origin, _| {
+                auth::cors_allows(origin, Some(&origins))
+            }))
+            .allow_credentials(true)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, LAST_EVENT_ID])
+            .max_age(Duration::from_secs(600));
+        browser = browser.layer(cors);
+    }
+    Router::new()
+        .merge(browser)
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    let uri = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                    request_span(request.method().as_str(), uri)
+                })
+                .on_request(())
+                .on_response(
+                    |response: &Response, latency: Duration, _: &tracing::Span| {
+                        log_response(response.status().as_u16(), latency)
+                    },
+                )
+                .on_failure(()),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+        ]))
         .with_state(state)
 }
+
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))

@@ -34,11 +34,13 @@ use tokio::{
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
+use eventgate_broker::redact::redact_uri;
+
 use crate::{
     GatewayState,
-    error::ApiError,
-    session::Transport,
-    sse::{SseBody, parse_request},
+    auth::cors_header_lines,
+    error::{ApiError, WWW_AUTHENTICATE},
+    sse,
 };
 
 /// Longest request head accepted, in bytes.
@@ -102,13 +104,16 @@ async fn connection(
     let mut head = BytesMut::with_capacity(1024);
     let complete = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut head)).await;
     match complete {
-        Err(_) => return respond_and_close(&mut stream, StatusCode::REQUEST_TIMEOUT, None).await,
+        Err(_) => {
+            return respond_and_close(&mut stream, StatusCode::REQUEST_TIMEOUT, None, "").await;
+        }
         Ok(Err(e)) => return Err(e),
         Ok(Ok(false)) if head.len() >= MAX_HEAD => {
             return respond_and_close(
                 &mut stream,
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 None,
+                "",
             )
             .await;
         }
@@ -218,37 +223,22 @@ async fn native_sse(
     state: &GatewayState,
 ) -> io::Result<()> {
     let mut stream = stream;
-    // Boxed and dropped once done: opening (attach, first replay page) is a large future that
-    // an idle stream should not keep.
-    let opened = Box::pin(async move {
-        let parsed = parse_request(
-            request.query.as_deref(),
-            &request.headers,
-            state.config.max_channels_per_connection as usize,
-        )?;
-        drop(request);
-        let session = state.new_session(Transport::Sse)?;
-        let attached = state
-            .attach(&session, &parsed.channels, parsed.cursor)
-            .await?;
-        Ok::<_, ApiError>(SseBody::new(
-            session,
-            parsed.channels,
-            parsed.duration,
-            attached,
-            state,
-        ))
-    });
-    let mut body = match opened.await {
+    let cors = cors_header_lines(&request.headers, state.config.allowed_origins.as_deref());
+    // Boxed and dropped once done: opening (auth, attach, first replay page) is a large future
+    // that an idle stream should not keep.
+    let opened = Box::pin(sse::open(state, request.query.as_deref(), &request.headers)).await;
+    let mut body = match opened {
         Ok(body) => body,
         Err(error) => {
             let (status, json) = error.render();
-            return respond_and_close(&mut stream, status, Some(json)).await;
+            log_refusal(&request, status, &error);
+            return respond_and_close(&mut stream, status, Some(json), &cors).await;
         }
     };
+    drop(request);
     let head = format!(
         "HTTP/1.1 200 OK\r\ndate: {}\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
-         x-accel-buffering: no\r\ntransfer-encoding: chunked\r\n\r\n",
+         x-accel-buffering: no\r\n{cors}transfer-encoding: chunked\r\n\r\n",
         httpdate::fmt_http_date(SystemTime::now())
     );
     let timeout = state.config.write_timeout;
@@ -324,20 +314,37 @@ async fn write_with_timeout(
         .map_err(|_| io::ErrorKind::TimedOut)?
 }
 
-/// Writes a complete response (a JSON error, or an empty one) and closes.
+/// Logs a refused stream like the router logs refused requests (credentials redacted).
+fn log_refusal(request: &SseRequest, status: StatusCode, error: &ApiError) {
+    let uri = match &request.query {
+        Some(query) => format!("/v1/events?{query}"),
+        None => "/v1/events".to_owned(),
+    };
+    tracing::info!(
+        method = "GET",
+        uri = %redact_uri(&uri),
+        status = status.as_u16(),
+        code = error.code(),
+        "request refused"
+    );
+}
+
+/// Writes a complete response (a JSON error, or an empty one) with `extra` header lines, and
+/// closes.
 async fn respond_and_close(
     stream: &mut TcpStream,
     status: StatusCode,
     json: Option<String>,
+    extra: &str,
 ) -> io::Result<()> {
     let body = json.unwrap_or_default();
-    let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
-        "retry-after: 1\r\n"
-    } else {
-        ""
+    let retry = match status {
+        StatusCode::SERVICE_UNAVAILABLE => "retry-after: 1\r\n".to_owned(),
+        StatusCode::UNAUTHORIZED => format!("www-authenticate: {WWW_AUTHENTICATE}\r\n"),
+        _ => String::new(),
     };
     let response = format!(
-        "HTTP/1.1 {} {}\r\ndate: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\ndate: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{extra}connection: close\r\n\r\n{body}",
         status.as_u16(),
         status.canonical_reason().unwrap_or(""),
         httpdate::fmt_http_date(SystemTime::now()),

@@ -119,27 +119,48 @@ pub fn parse_request(
     })
 }
 
+/// Opens a stream: checks the request, who sends it and what it may read, then attaches. Every
+/// refusal happens here, before a byte of the stream is written.
+pub(crate) async fn open(
+    state: &GatewayState,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<SseBody, ApiError> {
+    let request = parse_request(
+        query,
+        headers,
+        state.config.max_channels_per_connection as usize,
+    )?;
+    let (identity, _) = state
+        .auth
+        .authenticate(&state.broker, headers, query)
+        .await?;
+    if let Some(channel) = identity.first_denied(&request.channels) {
+        return Err(ApiError::Forbidden(channel.clone()));
+    }
+    let session = state.new_session(Transport::Sse)?;
+    let attached = state
+        .attach(&session, &request.channels, request.cursor)
+        .await?;
+    let ends = match request.duration {
+        Some(duration) if duration < state.auth.lifetime(&identity) => (duration, Ending::Duration),
+        _ => (state.auth.lifetime(&identity), Ending::Expired),
+    };
+    Ok(SseBody::new(
+        session,
+        request.channels,
+        ends,
+        attached,
+        state,
+    ))
+}
+
 pub async fn events(
     State(state): State<Arc<GatewayState>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let request = parse_request(
-        query.as_deref(),
-        &headers,
-        state.config.max_channels_per_connection as usize,
-    )?;
-    let session = state.new_session(Transport::Sse)?;
-    let attached = state
-        .attach(&session, &request.channels, request.cursor)
-        .await?;
-    let body = SseBody::new(
-        session,
-        request.channels,
-        request.duration,
-        attached,
-        &state,
-    );
+    let body = open(&state, query.as_deref(), &headers).await?;
     let mut response = Body::new(body).into_response();
     let headers = response.headers_mut();
     headers.insert(
@@ -150,6 +171,19 @@ pub async fn events(
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
 }
+
+/// Why a stream ends by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ending {
+    /// `?duration=` passed.
+    Duration,
+    /// The token expired: an `expired` event, then the end.
+    Expired,
+}
+
+/// The last message of a stream whose token expired. The client comes back with a fresh
+/// credential and its `Last-Event-ID` and loses nothing.
+const EXPIRED: &[u8] = b"event: expired\ndata: {\"reason\":\"token_expired\",\"message\":\"the token has expired; reconnect with a fresh ticket and Last-Event-ID\"}\n\n";
 
 /// Largest chunk handed to the connection at once (replay pages, coalesced live events).
 const CHUNK: usize = 64 * 1024;
@@ -254,8 +288,9 @@ pub(crate) struct SseBody {
     busy_since_position: bool,
     /// Something went out since the last heartbeat: the connection is visibly alive.
     busy_since_heartbeat: bool,
-    /// `?duration=`: when the stream ends by itself.
-    ends: Option<Pin<Box<Sleep>>>,
+    /// When the stream ends by itself: at `?duration=`, or when the token expires.
+    ends: Pin<Box<Sleep>>,
+    ending: Ending,
     opened: Instant,
     end: &'static str,
 }
@@ -264,7 +299,7 @@ impl SseBody {
     pub(crate) fn new(
         session: Session,
         channels: Vec<Channel>,
-        duration: Option<Duration>,
+        (ends, ending): (Duration, Ending),
         attached: Attached,
         state: &GatewayState,
     ) -> Self {
@@ -304,7 +339,8 @@ impl SseBody {
             uncounted: 0,
             busy_since_position: false,
             busy_since_heartbeat: false,
-            ends: duration.map(|d| Box::pin(tokio::time::sleep(d))),
+            ends: Box::pin(tokio::time::sleep(ends)),
+            ending,
             opened: Instant::now(),
             end: "client",
         }
@@ -315,11 +351,17 @@ impl SseBody {
             if self.finished {
                 return Poll::Ready(None);
             }
-            if let Some(ends) = self.ends.as_mut()
-                && ends.as_mut().poll(cx).is_ready()
-            {
-                self.finish("duration");
-                return Poll::Ready(None);
+            if self.ends.as_mut().poll(cx).is_ready() {
+                return match self.ending {
+                    Ending::Duration => {
+                        self.finish("duration");
+                        Poll::Ready(None)
+                    }
+                    Ending::Expired => {
+                        self.finish("token_expired");
+                        Poll::Ready(Some(Bytes::from_static(EXPIRED)))
+                    }
+                };
             }
             if let Some(prelude) = self.prelude.take() {
                 return Poll::Ready(Some(prelude));

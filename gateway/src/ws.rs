@@ -9,27 +9,29 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    pin::Pin,
     sync::Arc,
     time::Duration,
 };
 
 use axum::{
     extract::{
-        State, WebSocketUpgrade,
+        RawQuery, State, WebSocketUpgrade,
         ws::rejection::WebSocketUpgradeRejection,
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket},
     },
-    http::{HeaderMap, header},
+    http::HeaderMap,
     response::Response,
 };
 use bytes::Bytes;
-use eventgate_broker::{Channel, GapReason, parse_cursor};
+use eventgate_broker::{Channel, GapReason, auth::Identity, parse_cursor};
 use futures::SinkExt;
 use serde_json::{Value, json};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 use crate::{
     GatewayState,
+    auth::check_ws_origin,
     error::ApiError,
     hub::{CloseReason, Delivery, Stats},
     replay::{Replay, ReplayItem},
@@ -41,17 +43,31 @@ mod code {
     pub const GOING_AWAY: u16 = 1001;
     pub const UNSUPPORTED_DATA: u16 = 1003;
     pub const TOO_BIG: u16 = 1009;
+    pub const POLICY: u16 = 1008;
     pub const INTERNAL: u16 = 1011;
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
+/// The handshake: every refusal (not a WebSocket, no credential, wrong origin) is an HTTP
+/// answer before upgrading.
 pub async fn upgrade(
     State(state): State<Arc<GatewayState>>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    check_origin(&headers, state.config.allowed_origins.as_deref())?;
     let upgrade = upgrade.map_err(|r| ApiError::Handshake(r.status(), r.body_text()))?;
+    let credential = state
+        .auth
+        .credential(&headers, query.as_deref())
+        .map_err(ApiError::Unauthorized)?;
+    // Before redeeming: a refused origin must not use up a ticket.
+    check_ws_origin(
+        &headers,
+        state.config.allowed_origins.as_deref(),
+        Some(credential.source),
+    )?;
+    let identity = state.auth.identify(&state.broker, &credential).await?;
     let session = state.new_session(Transport::WebSocket)?;
     let limit = state.config.ws_max_message_bytes as usize;
     Ok(upgrade
@@ -61,26 +77,7 @@ pub async fn upgrade(
         .write_buffer_size(8 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| WsConnection::new(state, session, socket).run()))
-}
-
-/// Refuses a browser handshake from an origin not in `ALLOWED_ORIGINS` (cross-site WebSocket
-/// hijacking). Requests without `Origin` come from non-browser clients and pass.
-fn check_origin(headers: &HeaderMap, allowed: Option<&[String]>) -> Result<(), ApiError> {
-    let (Some(allowed), Some(origin)) = (allowed, headers.get(header::ORIGIN)) else {
-        return Ok(());
-    };
-    let origin = origin.to_str().unwrap_or_default().trim_end_matches('/');
-    if allowed
-        .iter()
-        .any(|a| a.trim().trim_end_matches('/').eq_ignore_ascii_case(origin))
-    {
-        Ok(())
-    } else {
-        Err(ApiError::OriginNotAllowed(
-            origin.chars().take(200).collect(),
-        ))
-    }
+        .on_upgrade(move |socket| WsConnection::new(state, session, identity, socket).run()))
 }
 
 /// Why the connection loop ended, and the close frame to send, if any.
@@ -120,11 +117,23 @@ struct WsConnection {
     opened: Instant,
     /// When the peer last sent anything (a pong included).
     last_heard: Instant,
+    /// Who is connected and what it may read; replaced by `refresh`.
+    identity: Identity,
+    /// When the token expires (plus leeway): the connection closes with 1008.
+    expires: Pin<Box<Sleep>>,
 }
 
 impl WsConnection {
-    fn new(state: Arc<GatewayState>, session: Session, socket: WebSocket) -> Self {
+    fn new(
+        state: Arc<GatewayState>,
+        session: Session,
+        identity: Identity,
+        socket: WebSocket,
+    ) -> Self {
+        let expires = Box::pin(tokio::time::sleep(state.auth.lifetime(&identity)));
         Self {
+            identity,
+            expires,
             state,
             session,
             socket,
@@ -176,7 +185,8 @@ impl WsConnection {
     }
 
     async fn serve(&mut self) -> Step {
-        let hello = json!({"type": "connected", "connection_id": self.id.to_string(), "replica": self.state.replica});
+        let hello = json!({"type": "connected", "connection_id": self.id.to_string(),
+            "replica": self.state.replica, "expires_at": self.identity.expires_at});
         self.send_json(hello).await?;
         loop {
             tokio::select! {
@@ -193,6 +203,9 @@ impl WsConnection {
                         return Err(Ending::close(code::GOING_AWAY, "server shutting down; reconnect", "shutdown"));
                     }
                 },
+                _ = self.expires.as_mut() => {
+                    return Err(Ending::close(code::POLICY, "token expired", "token_expired"));
+                }
                 message = self.socket.recv() => {
                     self.last_heard = Instant::now();
                     match message {
@@ -336,14 +349,18 @@ impl WsConnection {
                 Ok(channel) => return self.unsubscribe(channel, id.as_ref()).await,
                 Err(e) => e,
             },
+            "refresh" => match message.get("token").and_then(Value::as_str) {
+                Some(token) => return self.refresh(token, id.as_ref()).await,
+                None => ApiError::bad_request("invalid_message", "`token` is required"),
+            },
             "" => ApiError::bad_request(
                 "invalid_message",
-                "a message needs a `type`: subscribe, unsubscribe or ping",
+                "a message needs a `type`: subscribe, unsubscribe, refresh or ping",
             ),
             other => ApiError::bad_request(
                 "unknown_type",
                 format!(
-                    "unknown type {:?}; expected subscribe, unsubscribe or ping",
+                    "unknown type {:?}; expected subscribe, unsubscribe, refresh or ping",
                     truncate(other)
                 ),
             ),
@@ -363,6 +380,9 @@ impl WsConnection {
                 format!("already subscribed to {channel}"),
             );
             return self.send_error(id, &error).await;
+        }
+        if !self.identity.may_read(&channel) {
+            return self.send_error(id, &ApiError::Forbidden(channel)).await;
         }
         let limit = self.state.config.ws_max_subscriptions as usize;
         if self.floors.len() >= limit {
@@ -474,6 +494,46 @@ impl WsConnection {
         Stats::add(&self.state.stats.events_replayed, replayed);
         Stats::add(&self.state.stats.events_delivered, replayed);
         Ok(())
+    }
+
+    /// Replaces the connection's token with a fresh one for the same subject. Channels the new
+    /// token does not grant are unsubscribed, with `reason: forbidden`.
+    async fn refresh(&mut self, token: &str, id: Option<&Value>) -> Step {
+        let identity = match self.state.auth.verifier.verify(token) {
+            Ok(identity) => identity,
+            Err(e) => return self.send_error(id, &ApiError::Unauthorized(e)).await,
+        };
+        if identity.sub != self.identity.sub {
+            let error = ApiError::bad_request(
+                "subject_mismatch",
+                "a refresh token must be for the same subject as the connection's",
+            );
+            return self.send_error(id, &error).await;
+        }
+        let lifetime = self.state.auth.lifetime(&identity);
+        self.expires
+            .as_mut()
+            .reset(tokio::time::Instant::now() + lifetime);
+        self.identity = identity;
+        let revoked: Vec<Channel> = self
+            .floors
+            .keys()
+            .filter(|c| !self.identity.may_read(c))
+            .cloned()
+            .collect();
+        for channel in revoked {
+            self.floors.remove(&channel);
+            self.state
+                .hub
+                .leave(self.session.client, std::slice::from_ref(&channel));
+            self.send_json(
+                json!({"type": "unsubscribed", "channel": channel, "reason": "forbidden"}),
+            )
+            .await?;
+        }
+        let mut reply = json!({"type": "refreshed", "expires_at": self.identity.expires_at});
+        with_id(&mut reply, id);
+        self.send_json(reply).await
     }
 
     async fn unsubscribe(&mut self, channel: Channel, id: Option<&Value>) -> Step {

@@ -86,11 +86,18 @@ struct TargetArgs {
     /// Publisher base URL (nchan: the nginx URL).
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     publisher: String,
+    /// eventgate publisher API key.
+    #[arg(long, env = "EVENTGATE_PUBLISHER_KEY", hide_env_values = true)]
+    publisher_key: Option<String>,
+    /// eventgate subscriber token; without one, a token for every channel is minted with the
+    /// publisher key (`POST /v1/tokens`).
+    #[arg(long, env = "EVENTGATE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 impl TargetArgs {
-    fn target(&self) -> anyhow::Result<Target> {
-        Ok(Target {
+    async fn target(&self, sources: &Arc<Sources>) -> anyhow::Result<Target> {
+        let mut target = Target {
             kind: self.target,
             gateways: self
                 .gateways
@@ -98,8 +105,38 @@ impl TargetArgs {
                 .map(|g| Base::parse(g))
                 .collect::<Result<_, _>>()?,
             publisher: Base::parse(&self.publisher)?,
-        })
+            token: self.token.clone(),
+            publisher_key: self.publisher_key.clone(),
+        };
+        if target.kind == Kind::Nchan {
+            // Same requests for both systems: nchan gets no credentials to skip.
+            target.token = None;
+            target.publisher_key = None;
+        } else if target.token.is_none() && target.publisher_key.is_some() {
+            target.token = Some(mint_token(&target, sources).await?);
+        }
+        Ok(target)
     }
+}
+
+/// A token reading every channel for the run, from the publisher's `POST /v1/tokens`.
+async fn mint_token(target: &Target, sources: &Arc<Sources>) -> anyhow::Result<String> {
+    let mut conn = HttpConn::publisher(target, sources.clone());
+    let body = r#"{"sub":"loadgen","channels":["*"],"ttl_seconds":86400}"#;
+    let (status, answer) = conn
+        .post("/v1/tokens", bytes::Bytes::from_static(body.as_bytes()))
+        .await?;
+    if status != 200 {
+        bail!(
+            "minting a token: status {status}: {}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    let answer: serde_json::Value = serde_json::from_slice(&answer)?;
+    answer["token"]
+        .as_str()
+        .map(str::to_owned)
+        .context("minting a token: no token in the answer")
 }
 
 #[derive(Args)]
@@ -208,7 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let started_cpu = cpu_time(std::process::id()).unwrap_or_default();
     let mut report = match &cli.scenario {
         Scenario::Fanout(args) => fanout(&cli, args, sources).await?,
-        Scenario::Idle(args) => idle(&cli, args).await?,
+        Scenario::Idle(args) => idle(&cli, args, sources).await?,
         Scenario::Publish(args) => publish_scenario(&cli, args, sources).await?,
         Scenario::Resume(args) => resume(&cli, args, sources).await?,
         Scenario::Shard { .. } | Scenario::Report { .. } => return Ok(()),
@@ -240,7 +277,7 @@ fn subscribers_on(channel: usize, subscribers: usize, channels: usize) -> u64 {
 }
 
 async fn fanout(cli: &Cli, args: &FanoutArgs, sources: Arc<Sources>) -> anyhow::Result<Report> {
-    let target = args.target.target()?;
+    let target = args.target.target(&sources).await?;
     let prefix = unique_prefix("fan");
     let spec = SubscriberSpec::live(
         target.clone(),
@@ -391,8 +428,8 @@ async fn fanout(cli: &Cli, args: &FanoutArgs, sources: Arc<Sources>) -> anyhow::
     Ok(report)
 }
 
-async fn idle(cli: &Cli, args: &IdleArgs) -> anyhow::Result<Report> {
-    let target = args.target.target()?;
+async fn idle(cli: &Cli, args: &IdleArgs, sources: Arc<Sources>) -> anyhow::Result<Report> {
+    let target = args.target.target(&sources).await?;
     let before: u64 = cli.server_pids.iter().filter_map(|&p| rss(p).ok()).sum();
     let spec = SubscriberSpec::live(
         target.clone(),
@@ -458,7 +495,7 @@ async fn publish_scenario(
     args: &PublishArgs,
     sources: Arc<Sources>,
 ) -> anyhow::Result<Report> {
-    let target = args.target.target()?;
+    let target = args.target.target(&sources).await?;
     if target.kind == Kind::Nchan && args.batch > 1 {
         bail!("nchan publishes one message per request; use --batch 1");
     }
@@ -468,7 +505,7 @@ async fn publish_scenario(
     let deadline = started + args.duration;
     let mut tasks = tokio::task::JoinSet::new();
     for client in 0..args.clients {
-        let mut conn = HttpConn::new(target.publisher.clone(), sources.clone());
+        let mut conn = HttpConn::publisher(&target, sources.clone());
         let (target, channel, batch, size) = (
             target.clone(),
             Target::channel(&prefix, client),
@@ -539,10 +576,10 @@ async fn publish_scenario(
 }
 
 async fn resume(cli: &Cli, args: &ResumeArgs, sources: Arc<Sources>) -> anyhow::Result<Report> {
-    let target = args.target.target()?;
+    let target = args.target.target(&sources).await?;
     let prefix = unique_prefix("resume");
     let channel = Target::channel(&prefix, 0);
-    let mut conn = HttpConn::new(target.publisher.clone(), sources.clone());
+    let mut conn = HttpConn::publisher(&target, sources.clone());
     // The anchor: clients resume from its id, so they miss exactly the events after it.
     let answer = publish(
         &mut conn,

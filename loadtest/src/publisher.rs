@@ -26,14 +26,18 @@ pub struct HttpConn {
     base: Base,
     sources: Arc<Sources>,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// `Authorization` header value, if any.
+    authorization: Option<String>,
 }
 
 impl HttpConn {
-    pub fn new(base: Base, sources: Arc<Sources>) -> Self {
+    /// A connection to the target's publisher, with its API key.
+    pub fn publisher(target: &Target, sources: Arc<Sources>) -> Self {
         Self {
-            base,
+            base: target.publisher.clone(),
             sources,
             sender: None,
+            authorization: target.publisher_key.as_ref().map(|k| format!("Bearer {k}")),
         }
     }
 
@@ -59,6 +63,7 @@ impl HttpConn {
         let mut last = None;
         for _ in 0..2 {
             let host = self.base.host.clone();
+            let authorization = self.authorization.clone();
             let sender = match self.connect().await {
                 Ok(sender) => sender,
                 Err(e) => {
@@ -67,7 +72,11 @@ impl HttpConn {
                     continue;
                 }
             };
-            let request = Request::post(path)
+            let mut request = Request::post(path);
+            if let Some(authorization) = authorization {
+                request = request.header(header::AUTHORIZATION, authorization);
+            }
+            let request = request
                 .header(header::HOST, host)
                 .header(header::CONTENT_TYPE, "application/json")
                 // nchan answers with the channel's `last_message_id` in JSON.
@@ -146,7 +155,7 @@ pub async fn fan_out(
     for _ in 0..workers {
         let (tx, mut rx) = mpsc::channel::<(usize, u64)>(1024);
         senders.push(tx);
-        let mut conn = HttpConn::new(target.publisher.clone(), sources.clone());
+        let mut conn = HttpConn::publisher(target, sources.clone());
         let (target, prefix, accepted, errors, size) = (
             target.clone(),
             prefix.to_owned(),

@@ -307,6 +307,9 @@ impl Subscriber {
         if let Some(id) = &spec.resume_from {
             request = request.header("last-event-id", id);
         }
+        if let Some(token) = &spec.target.token {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+        }
         let response = tokio::select! {
             response = sender.send_request(request.body(Empty::new())?) => response?,
             _ = &mut conn => bail!("connection closed before the response"),
@@ -373,7 +376,14 @@ impl Subscriber {
             gateway.host,
             spec.target.subscribe_path(Transport::Ws, &self.channel)
         );
-        let (mut socket, _) = tokio_tungstenite::client_async(url, stream).await?;
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)?;
+        if let Some(token) = &spec.target.token {
+            request
+                .headers_mut()
+                .insert(header::AUTHORIZATION, format!("Bearer {token}").parse()?);
+        }
+        let (mut socket, _) = tokio_tungstenite::client_async(request, stream).await?;
         if spec.target.kind == Kind::Eventgate {
             let mut subscribe = serde_json::json!({"type": "subscribe", "channel": self.channel});
             if let Some(since) = &spec.resume_from {

@@ -53,6 +53,12 @@ pub struct Target {
     pub kind: Kind,
     pub gateways: Vec<Base>,
     pub publisher: Base,
+    /// Subscriber token (eventgate), sent as `Authorization: Bearer`.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Publisher API key (eventgate), sent as `Authorization: Bearer`.
+    #[serde(default)]
+    pub publisher_key: Option<String>,
 }
 
 impl Target {

@@ -4,9 +4,15 @@
 
 use std::{net::SocketAddr, path::Path, process::Command};
 
-use eventgate_broker::{Broker, BrokerConfig};
+use eventgate_broker::{
+    Broker, BrokerConfig,
+    auth::{AuthConfig, Verifier},
+};
 use eventgate_gateway::GatewayConfig;
-use eventgate_publisher::PublisherConfig;
+use eventgate_publisher::{PublisherAuth, PublisherConfig};
+
+const SECRET: &str = "loadgen-smoke-secret-0123456789abcdef";
+const KEY: &str = "loadgen-smoke-publisher-key";
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,15 +33,26 @@ async fn start() -> Stack {
         publisher: publisher.local_addr().expect("addr"),
         shutdown: shutdown.clone(),
     };
+    let auth = AuthConfig {
+        jwt_secret: Some(SECRET.into()),
+        ..AuthConfig::default()
+    };
+    let publisher_config = PublisherConfig {
+        publisher_api_keys: vec![KEY.into()],
+        ..PublisherConfig::default()
+    };
     tokio::spawn(eventgate_gateway::run(
         GatewayConfig::default(),
         broker.clone(),
+        Verifier::new(&auth).expect("verifier"),
         gateway,
         shutdown.clone(),
     ));
+    let publisher_auth = PublisherAuth::from_config(&publisher_config, &auth).expect("auth");
     tokio::spawn(eventgate_publisher::run(
-        PublisherConfig::default(),
+        publisher_config,
         broker,
+        publisher_auth,
         publisher,
         shutdown,
     ));
@@ -48,7 +65,14 @@ fn loadgen(gateway: SocketAddr, publisher: SocketAddr, results: &Path, args: &[&
     let publisher = format!("http://{publisher}");
     let mut full: Vec<&str> = vec!["--json", results.to_str().expect("path")];
     full.extend_from_slice(args);
-    full.extend_from_slice(&["--gateway", &gateway, "--publisher", &publisher]);
+    full.extend_from_slice(&[
+        "--gateway",
+        &gateway,
+        "--publisher",
+        &publisher,
+        "--publisher-key",
+        KEY,
+    ]);
     let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
         .args(&full)
         .output()

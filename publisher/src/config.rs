@@ -1,9 +1,11 @@
 //! Publisher settings.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use eventgate_broker::config::parse_duration;
 
 /// Publisher settings. Every field is an environment variable and a command-line flag.
-#[derive(clap::Args, Clone, Debug)]
+#[derive(clap::Args, Clone)]
 pub struct PublisherConfig {
     /// Address the publisher API listens on.
     #[arg(long, env = "PUBLISHER_ADDR", default_value = "0.0.0.0:8081")]
@@ -29,6 +31,24 @@ pub struct PublisherConfig {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_channels_per_event: u32,
 
+    /// API keys that may publish, comma-separated: `key`, or `key=pattern|pattern` to limit a
+    /// key to channels (`orders-service-key=orders|invoice:*`). Keys are 16+ characters.
+    #[arg(
+        long,
+        env = "PUBLISHER_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub publisher_api_keys: Vec<String>,
+
+    /// File of API keys, one entry per line in the same form; `#` starts a comment.
+    #[arg(long, env = "PUBLISHER_API_KEYS_FILE")]
+    pub publisher_api_keys_file: Option<PathBuf>,
+
+    /// Longest lifetime of a token minted by `POST /v1/tokens`.
+    #[arg(long, env = "TOKEN_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub token_max_ttl: Duration,
+
     /// After SIGTERM, in-flight requests may finish for this long (`SHUTDOWN_TIMEOUT`, set by
     /// the binary for both services).
     #[arg(skip = Duration::from_secs(10))]
@@ -43,7 +63,29 @@ impl Default for PublisherConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_batch_events: 1000,
             max_channels_per_event: 100,
+            publisher_api_keys: Vec::new(),
+            publisher_api_keys_file: None,
+            token_max_ttl: Duration::from_secs(24 * 3600),
             shutdown_timeout: Duration::from_secs(10),
         }
+    }
+}
+
+/// Keys are never printed.
+impl fmt::Debug for PublisherConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublisherConfig")
+            .field("publisher_addr", &self.publisher_addr)
+            .field("max_event_bytes", &self.max_event_bytes)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_batch_events", &self.max_batch_events)
+            .field("max_channels_per_event", &self.max_channels_per_event)
+            .field(
+                "publisher_api_keys",
+                &format_args!("[{} redacted]", self.publisher_api_keys.len()),
+            )
+            .field("publisher_api_keys_file", &self.publisher_api_keys_file)
+            .field("token_max_ttl", &self.token_max_ttl)
+            .finish()
     }
 }

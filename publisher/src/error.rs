@@ -23,6 +23,21 @@ pub enum ApiError {
     NotFound,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// No valid API key (401).
+    #[error("{message}")]
+    Unauthorized {
+        code: &'static str,
+        message: &'static str,
+    },
+    /// The key may not publish on (or grant) a channel (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// `POST /v1/tokens` without a signing key.
+    #[error("minting tokens needs JWT_SECRET or JWT_PRIVATE_KEY_FILE on the publisher")]
+    MintingDisabled,
+    /// A bug; the detail goes to the log only.
+    #[error("internal error")]
+    Internal(String),
     /// Redis is unreachable or too slow; nothing was published, retry.
     #[error("event broker unavailable; nothing was published, retry")]
     Unavailable(#[source] BrokerError),
@@ -46,6 +61,10 @@ impl ApiError {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Unauthorized { code, .. } => (StatusCode::UNAUTHORIZED, code),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::MintingDisabled => (StatusCode::NOT_IMPLEMENTED, "minting_disabled"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }
@@ -59,8 +78,12 @@ impl From<BrokerError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let ApiError::Unavailable(cause) = &self {
-            tracing::warn!(error = %cause, "publish failed: broker unavailable");
+        match &self {
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(error = %cause, "publish failed: broker unavailable")
+            }
+            ApiError::Internal(cause) => tracing::error!(%cause, "answering 500"),
+            _ => {}
         }
         let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
         let mut response = (status, body).into_response();
@@ -68,6 +91,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"eventgate-publisher\""),
+            );
         }
         response
     }

@@ -2,20 +2,28 @@
 //! request, then appends every event to its channel's history and publishes it live in one
 //! atomic broker call, so a request is published completely or not at all.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod publish;
 
-use std::{io, sync::Arc};
+use std::{io, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, State},
-    http::StatusCode,
+    extract::{DefaultBodyLimit, Request, State},
+    http::{StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use eventgate_broker::Broker;
+use eventgate_broker::{
+    Broker,
+    redact::{log_response, request_span},
+};
+use tower_http::{sensitive_headers::SetSensitiveRequestHeadersLayer, trace::TraceLayer};
+
+pub use auth::PublisherAuth;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -28,19 +36,45 @@ use crate::error::ApiError;
 pub struct PublisherState {
     pub config: PublisherConfig,
     pub broker: Broker,
+    pub auth: PublisherAuth,
     pub shutdown: CancellationToken,
 }
 
-/// The publisher's routes.
+/// The publisher's routes: the API needs a key, health checks do not.
 pub fn app(state: Arc<PublisherState>) -> Router {
     let body_limit = state.config.max_body_bytes as usize;
-    Router::new()
+    let api = Router::new()
         .route("/v1/publish", post(publish::publish))
+        .route("/v1/tokens", post(auth::mint))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ));
+    Router::new()
+        .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request<_>| {
+                    let uri = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                    request_span(request.method().as_str(), uri)
+                })
+                .on_request(())
+                .on_response(
+                    |response: &Response, latency: Duration, _: &tracing::Span| {
+                        log_response(response.status().as_u16(), latency)
+                    },
+                )
+                .on_failure(()),
+        )
+        .layer(SetSensitiveRequestHeadersLayer::new([
+            header::AUTHORIZATION,
+            header::COOKIE,
+        ]))
         .with_state(state)
 }
 
@@ -49,6 +83,7 @@ pub fn app(state: Arc<PublisherState>) -> Router {
 pub async fn run(
     config: PublisherConfig,
     broker: Broker,
+    auth: PublisherAuth,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
@@ -56,6 +91,7 @@ pub async fn run(
     let state = Arc::new(PublisherState {
         config,
         broker,
+        auth,
         shutdown: shutdown.clone(),
     });
     let server = axum::serve(listener, app(state).into_make_service())

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::SystemTime};
 
 use axum::{
-    Json,
+    Extension, Json,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
     http::{HeaderMap, StatusCode, header},
@@ -15,7 +15,7 @@ use eventgate_broker::{
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use crate::{PublisherConfig, PublisherState, error::ApiError};
+use crate::{PublisherConfig, PublisherState, auth::KeyScope, error::ApiError};
 
 /// One event as a request gives it.
 #[derive(Deserialize)]
@@ -60,6 +60,7 @@ pub struct PublishResponse {
 
 pub async fn publish(
     State(state): State<Arc<PublisherState>>,
+    Extension(scope): Extension<KeyScope>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
@@ -76,6 +77,12 @@ pub async fn publish(
     })?;
     let timestamp = format_timestamp(SystemTime::now());
     let entries = parse(&body, &state.config, &timestamp)?;
+    if let Some(entry) = entries.iter().find(|e| !scope.allows(&e.channel)) {
+        return Err(ApiError::Forbidden(format!(
+            "this key may not publish on channel {}; nothing was published",
+            entry.channel
+        )));
+    }
     let seqs = state.broker.publish(&entries).await?;
     let published = entries
         .into_iter()
@@ -88,7 +95,7 @@ pub async fn publish(
     Ok((StatusCode::ACCEPTED, Json(PublishResponse { published })))
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

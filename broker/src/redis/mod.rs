@@ -34,6 +34,7 @@ pub(crate) struct Keys {
     stream: String,
     live: String,
     marker: String,
+    ticket: String,
 }
 
 impl Keys {
@@ -45,6 +46,7 @@ impl Keys {
             stream: format!("{prefix}stream:"),
             live: format!("{prefix}live:"),
             marker: format!("{prefix}marker:"),
+            ticket: format!("{prefix}ticket:"),
         }
     }
 
@@ -58,6 +60,10 @@ impl Keys {
 
     fn marker(&self, replica: &str) -> String {
         format!("{}{replica}", self.marker)
+    }
+
+    fn ticket(&self, digest: &str) -> String {
+        format!("{}{digest}", self.ticket)
     }
 }
 
@@ -235,6 +241,47 @@ impl RedisBroker {
             })
             .await?;
         Ok(receivers > 0)
+    }
+
+    /// Stores a one-time ticket under its digest for `ttl`. `Ok(false)`: the digest is taken.
+    pub async fn put_ticket(
+        &self,
+        digest: &str,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, BrokerError> {
+        let key = self.keys.ticket(digest);
+        let millis = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let stored: Option<String> = self
+            .commands
+            .with_conn(true, |mut c| {
+                let key = &key;
+                async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(payload)
+                        .arg("PX")
+                        .arg(millis)
+                        .arg("NX")
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        Ok(stored.is_some())
+    }
+
+    /// Takes a ticket: returns its payload and deletes it in one step, so it redeems once
+    /// across all replicas.
+    pub async fn take_ticket(&self, digest: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        let key = self.keys.ticket(digest);
+        // GETDEL is not retried on another connection unless it surely never ran (a write).
+        self.commands
+            .with_conn(true, |mut c| {
+                let key = &key;
+                async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await }
+            })
+            .await
     }
 
     pub fn timeout(&self) -> Duration {

@@ -7,9 +7,12 @@ pub mod ws;
 
 use std::{future::Future, io, time::Duration};
 
-use eventgate_broker::{Broker, BrokerConfig};
+use eventgate_broker::{
+    Broker, BrokerConfig,
+    auth::{AuthConfig, Minter, Pattern, Verifier},
+};
 use eventgate_gateway::GatewayConfig;
-use eventgate_publisher::PublisherConfig;
+use eventgate_publisher::{PublisherAuth, PublisherConfig};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::{net::TcpListener, task::JoinHandle};
@@ -20,6 +23,61 @@ pub use self::{
     sse::{End, Received, SseClient},
     ws::{WsClient, event_id},
 };
+
+/// The JWT secret of test stacks.
+pub const TEST_SECRET: &str = "eventgate-test-secret-0123456789abcdef";
+
+/// The publisher API key of test stacks (every channel).
+pub const TEST_PUBLISHER_KEY: &str = "test-publisher-key-0123456789";
+
+/// Auth settings of test stacks: `TEST_SECRET`, no leeway (expiry tests stay short).
+pub fn test_auth() -> AuthConfig {
+    AuthConfig {
+        jwt_secret: Some(TEST_SECRET.into()),
+        jwt_leeway: Duration::ZERO,
+        ..AuthConfig::default()
+    }
+}
+
+/// A token signed with `TEST_SECRET` for `sub`, granting `channels`, valid for `ttl`.
+pub fn token_for(sub: &str, channels: &[&str], ttl: Duration) -> String {
+    let minter = Minter::new(&test_auth())
+        .expect("test auth")
+        .expect("a signing key");
+    let patterns: Vec<Pattern> = channels
+        .iter()
+        .map(|c| Pattern::parse(c).expect("pattern"))
+        .collect();
+    minter.mint(sub, &patterns, ttl).expect("mint").0
+}
+
+/// A token that reads every channel for an hour: what the test clients send by default.
+pub fn test_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| token_for("tester", &["*"], Duration::from_secs(3600)))
+}
+
+/// An HTTP client that sends `test_token()` unless a request sets its own `Authorization`.
+pub fn authed_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {}", test_token()).parse().expect("header"),
+    );
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .default_headers(headers)
+        .build()
+        .expect("http client")
+}
+
+/// A hand-written `GET /v1/events?{query}` request head carrying the test token.
+pub fn raw_sse_request(query: &str) -> String {
+    format!(
+        "GET /v1/events?{query} HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {}\r\n\r\n",
+        test_token()
+    )
+}
 
 /// Generous bound for anything that should happen "now".
 pub const SOON: Duration = Duration::from_secs(10);
@@ -55,6 +113,7 @@ pub struct Options {
     pub broker: BrokerConfig,
     pub gateway: GatewayConfig,
     pub publisher: PublisherConfig,
+    pub auth: AuthConfig,
     pub persistent_redis: bool,
 }
 
@@ -68,8 +127,10 @@ impl Default for Options {
             },
             publisher: PublisherConfig {
                 shutdown_timeout: Duration::from_secs(3),
+                publisher_api_keys: vec![TEST_PUBLISHER_KEY.into()],
                 ..PublisherConfig::default()
             },
+            auth: test_auth(),
             persistent_redis: false,
         }
     }
@@ -120,10 +181,7 @@ impl Stack {
                 (Some(redis), None)
             }
         };
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .build()
-            .expect("http client");
+        let http = authed_client();
         let mut stack = Self {
             backend,
             redis,
@@ -155,9 +213,12 @@ impl Stack {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
+        let auth = PublisherAuth::from_config(&self.options.publisher, &self.options.auth)
+            .expect("publisher auth");
         let task = tokio::spawn(eventgate_publisher::run(
             self.options.publisher.clone(),
             self.broker().await,
+            auth,
             listener,
             shutdown.clone(),
         ));
@@ -176,9 +237,11 @@ impl Stack {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = CancellationToken::new();
+        let verifier = Verifier::new(&self.options.auth).expect("gateway auth");
         let task = tokio::spawn(eventgate_gateway::run(
             config,
             self.broker().await,
+            verifier,
             listener,
             shutdown.clone(),
         ));
@@ -260,6 +323,7 @@ impl Stack {
             .http
             .post(format!("{}/v1/publish", self.publisher.url))
             .header("content-type", content_type)
+            .bearer_auth(TEST_PUBLISHER_KEY)
             .body(body)
             .send()
             .await

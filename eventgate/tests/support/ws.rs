@@ -30,23 +30,34 @@ impl Closed {
 }
 
 impl WsClient {
-    /// Connects and reads the `connected` message.
+    /// Connects with the test token and reads the `connected` message.
     pub async fn connect(url: &str) -> Self {
         Self::connect_with(url, None)
             .await
             .expect("WebSocket handshake")
     }
 
-    /// Connects with an `Origin` header; `Err(status)` when the handshake is refused.
+    /// Connects with the test token and an `Origin` header; `Err(status)` when refused.
     pub async fn connect_with(
         url: &str,
         origin: Option<&str>,
     ) -> Result<Self, (StatusCode, Value)> {
+        let bearer = format!("Bearer {}", super::test_token());
+        let mut headers = vec![("authorization", bearer.as_str())];
+        headers.extend(origin.map(|o| ("origin", o)));
+        Self::connect_headers(url, &headers).await
+    }
+
+    /// Connects with exactly these headers (none added); `Err(status)` when refused.
+    pub async fn connect_headers(
+        url: &str,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Self, (StatusCode, Value)> {
         let mut request = url.into_client_request().expect("request");
-        if let Some(origin) = origin {
+        for (name, value) in headers {
             request
                 .headers_mut()
-                .insert("origin", origin.parse().expect("origin"));
+                .insert(*name, value.parse().expect("header value"));
         }
         match tokio_tungstenite::connect_async(request).await {
             Ok((stream, _)) => {

@@ -1,0 +1,304 @@
+//! Who may publish: API keys, each optionally limited to channel patterns; and minting
+//! subscriber tokens for backends (`POST /v1/tokens`).
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Request, State, rejection::BytesRejection},
+    http::{HeaderMap, header},
+    middleware::Next,
+    response::Response,
+};
+use eventgate_broker::{
+    Channel,
+    auth::{AuthConfig, AuthSetupError, Minter, Pattern},
+    event::format_timestamp,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::{PublisherConfig, PublisherState, error::ApiError, publish::check_content_type};
+
+/// Shortest key accepted: shorter ones are guessable.
+const MIN_KEY_LEN: usize = 16;
+
+/// What one API key may publish on: `None` is every channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyScope(Option<Vec<Pattern>>);
+
+impl KeyScope {
+    pub fn allows(&self, channel: &Channel) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|patterns| patterns.iter().any(|p| p.matches(channel)))
+    }
+
+    /// Whether a token granting `pattern` stays within this key's channels.
+    pub fn covers(&self, pattern: &Pattern) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|patterns| patterns.iter().any(|p| p.covers(pattern)))
+    }
+}
+
+/// The configured keys, kept as SHA-256 digests: a presented key is hashed and compared with
+/// every digest in constant time, so neither timing nor length tells how close a guess was.
+pub struct ApiKeys {
+    keys: Vec<([u8; 32], KeyScope)>,
+}
+
+impl ApiKeys {
+    /// Reads `PUBLISHER_API_KEYS` and `PUBLISHER_API_KEYS_FILE`: entries `key` or
+    /// `key=pattern|pattern`. Refuses to start with none.
+    pub fn from_config(config: &PublisherConfig) -> Result<Self, AuthSetupError> {
+        let mut entries: Vec<(String, &str)> = config
+            .publisher_api_keys
+            .iter()
+            .map(|e| (e.trim().to_owned(), "PUBLISHER_API_KEYS"))
+            .filter(|(e, _)| !e.is_empty())
+            .collect();
+        if let Some(path) = &config.publisher_api_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                AuthSetupError::new(format!(
+                    "PUBLISHER_API_KEYS_FILE: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?;
+            entries.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(|l| (l.to_owned(), "PUBLISHER_API_KEYS_FILE")),
+            );
+        }
+        if entries.is_empty() {
+            return Err(AuthSetupError::new(
+                "no publisher API key: set PUBLISHER_API_KEYS or PUBLISHER_API_KEYS_FILE",
+            ));
+        }
+        let keys = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (entry, setting))| {
+                parse_entry(entry)
+                    .map_err(|e| AuthSetupError::new(format!("{setting}: entry {}: {e}", i + 1)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { keys })
+    }
+
+    /// The scope of `presented`, if it is one of the keys.
+    pub fn scope_of(&self, presented: &str) -> Option<KeyScope> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        // Every key is compared, matched or not, so the time taken says nothing.
+        for (key, scope) in &self.keys {
+            if bool::from(key.ct_eq(&digest)) {
+                found = Some(scope.clone());
+            }
+        }
+        found
+    }
+}
+
+/// `key` or `key=pattern|pattern`. Keys may end in `=` (base64 padding): the entry is split at
+/// its last `=` only when what follows is a pattern list.
+fn parse_entry(entry: &str) -> Result<([u8; 32], KeyScope), String> {
+    let (key, scope) = match entry.rsplit_once('=') {
+        Some((key, patterns)) if !patterns.is_empty() => {
+            let patterns = patterns
+                .split('|')
+                .map(|p| Pattern::parse(p.trim()))
+                .collect::<Result<Vec<_>, _>>()?;
+            (key, KeyScope(Some(patterns)))
+        }
+        _ => (entry, KeyScope(None)),
+    };
+    if key.len() < MIN_KEY_LEN || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "a key must be at least {MIN_KEY_LEN} characters, without spaces"
+        ));
+    }
+    Ok((Sha256::digest(key.as_bytes()).into(), scope))
+}
+
+/// The publisher's credentials: its API keys, and the signing key for minted tokens.
+pub struct PublisherAuth {
+    pub keys: ApiKeys,
+    /// `None` when no signing key is configured: `POST /v1/tokens` answers 501.
+    pub minter: Option<Minter>,
+}
+
+impl PublisherAuth {
+    pub fn from_config(
+        config: &PublisherConfig,
+        auth: &AuthConfig,
+    ) -> Result<Self, AuthSetupError> {
+        Ok(Self {
+            keys: ApiKeys::from_config(config)?,
+            minter: Minter::new(auth)?,
+        })
+    }
+}
+
+/// Middleware: every request needs `Authorization: Bearer <key>`; its scope goes into the
+/// request's extensions.
+pub async fn require_key(
+    State(state): State<Arc<PublisherState>>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let scope = key_scope(&state, request.headers())?;
+    request.extensions_mut().insert(scope);
+    Ok(next.run(request).await)
+}
+
+fn key_scope(state: &PublisherState, headers: &HeaderMap) -> Result<KeyScope, ApiError> {
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(ApiError::Unauthorized {
+            code: "missing_credential",
+            message: "send the API key as Authorization: Bearer <key>",
+        });
+    };
+    let key = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim())
+        .ok_or(ApiError::Unauthorized {
+            code: "invalid_credential",
+            message: "the Authorization header must be `Bearer <key>`",
+        })?;
+    state.auth.keys.scope_of(key).ok_or(ApiError::Unauthorized {
+        code: "invalid_key",
+        message: "the API key is not valid",
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    sub: String,
+    #[serde(default)]
+    channels: Vec<String>,
+    ttl_seconds: Option<u64>,
+}
+
+/// Longest `sub` accepted.
+const MAX_SUB_LEN: usize = 256;
+
+/// Most patterns in one minted token.
+const MAX_TOKEN_CHANNELS: usize = 100;
+
+/// `POST /v1/tokens`: `{"sub","channels","ttl_seconds"}` → `{"token","expires_at"}`. The key's
+/// scope bounds what the token may grant.
+pub async fn mint(
+    State(state): State<Arc<PublisherState>>,
+    axum::Extension(scope): axum::Extension<KeyScope>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(minter) = &state.auth.minter else {
+        return Err(ApiError::MintingDisabled);
+    };
+    check_content_type(&headers)?;
+    let body = body.map_err(|r| ApiError::invalid("invalid_request", r.body_text()))?;
+    let request: TokenRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid("invalid_request", format!("request body: {e}")))?;
+    if request.sub.is_empty()
+        || request.sub.len() > MAX_SUB_LEN
+        || request.sub.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            "invalid_sub",
+            format!("`sub` must be 1 to {MAX_SUB_LEN} bytes without control characters"),
+        ));
+    }
+    if request.channels.len() > MAX_TOKEN_CHANNELS {
+        return Err(ApiError::invalid(
+            "too_many_channels",
+            format!("a token may grant at most {MAX_TOKEN_CHANNELS} patterns"),
+        ));
+    }
+    let patterns = request
+        .channels
+        .iter()
+        .map(|c| Pattern::parse(c).map_err(|e| ApiError::invalid("invalid_channel", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(denied) = patterns.iter().find(|p| !scope.covers(p)) {
+        return Err(ApiError::Forbidden(format!(
+            "this key may not grant channel {denied}"
+        )));
+    }
+    let max = state.config.token_max_ttl;
+    let ttl = match request.ttl_seconds {
+        None => max.min(Duration::from_secs(3600)),
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "invalid_ttl",
+                "`ttl_seconds` must be positive",
+            ));
+        }
+        Some(s) if Duration::from_secs(s) > max => {
+            return Err(ApiError::invalid(
+                "invalid_ttl",
+                format!(
+                    "`ttl_seconds` may be at most {} (TOKEN_MAX_TTL)",
+                    max.as_secs()
+                ),
+            ));
+        }
+        Some(s) => Duration::from_secs(s),
+    };
+    let (token, expires_at) = minter
+        .mint(&request.sub, &patterns, ttl)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let expires_at = std::time::UNIX_EPOCH + Duration::from_secs(expires_at);
+    Ok(Json(
+        json!({"token": token, "expires_at": format_timestamp(expires_at)}),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(entries: &[&str]) -> Result<ApiKeys, AuthSetupError> {
+        ApiKeys::from_config(&PublisherConfig {
+            publisher_api_keys: entries.iter().map(|e| e.to_string()).collect(),
+            ..PublisherConfig::default()
+        })
+    }
+
+    #[test]
+    fn keys_are_matched_with_their_scopes() {
+        let keys = keys(&[
+            "k-everything-0123456",
+            "k-orders-0123456789=orders|invoice:*",
+            "padded-base64-key-AA==",
+        ])
+        .unwrap();
+        assert_eq!(keys.scope_of("k-everything-0123456"), Some(KeyScope(None)));
+        let scoped = keys.scope_of("k-orders-0123456789").unwrap();
+        assert!(scoped.allows(&Channel::parse("invoice:7").unwrap()));
+        assert!(!scoped.allows(&Channel::parse("payments").unwrap()));
+        assert_eq!(
+            keys.scope_of("padded-base64-key-AA=="),
+            Some(KeyScope(None))
+        );
+        assert_eq!(keys.scope_of("k-orders-0123456789=orders|invoice:*"), None);
+        assert_eq!(keys.scope_of("nope"), None);
+    }
+
+    #[test]
+    fn weak_or_missing_keys_refuse_to_start() {
+        assert!(keys(&[]).is_err());
+        assert!(keys(&["short"]).is_err());
+        assert!(keys(&["long-enough-key-123=not a pattern"]).is_err());
+    }
+}
