@@ -262,15 +262,21 @@ struct MintedClaims<'a> {
     aud: Option<&'a str>,
 }
 
+/// A verification key with the rules for tokens it signs: each key accepts only algorithms of
+/// its own family (jsonwebtoken refuses a validation that mixes families).
+struct KeyRules {
+    key: DecodingKey,
+    validation: Validation,
+}
+
 enum VerifyKeys {
-    One(DecodingKey),
-    ByKid(HashMap<String, DecodingKey>),
+    One(Box<KeyRules>),
+    ByKid(HashMap<String, KeyRules>),
 }
 
 /// Verifies subscriber tokens (the gateway).
 pub struct Verifier {
     keys: VerifyKeys,
-    validation: Validation,
     defaults: Vec<String>,
     leeway: Duration,
 }
@@ -298,6 +304,28 @@ fn public_key(pem: &[u8]) -> Result<DecodingKey, AuthSetupError> {
         .map_err(|_| setup("JWT_PUBLIC_KEY_FILE: not a PEM RSA, EC or Ed25519 public key"))
 }
 
+/// The claim rules: `exp` and `sub` always, `iss` and `aud` when configured (a token without
+/// them is refused), `nbf` when present.
+fn validation(config: &AuthConfig, algorithms: Vec<Algorithm>) -> Validation {
+    let mut validation = Validation::new(algorithms[0]);
+    validation.algorithms = algorithms;
+    validation.leeway = config.jwt_leeway.as_secs();
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+    validation.validate_aud = config.jwt_audience.is_some();
+    let mut required = vec!["exp", "sub"];
+    if let Some(iss) = &config.jwt_issuer {
+        validation.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    if let Some(aud) = &config.jwt_audience {
+        validation.set_audience(&[aud]);
+        required.push("aud");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
 impl Verifier {
     /// Builds the verifier; refuses when there is no key material, or more than one kind.
     pub fn new(config: &AuthConfig) -> Result<Self, AuthSetupError> {
@@ -319,97 +347,87 @@ impl Verifier {
                 ));
             }
         }
-        let (keys, families): (VerifyKeys, Vec<Algorithm>) =
-            if let Some(secret) = &config.jwt_secret {
-                if secret.len() < 32 {
-                    return Err(setup("JWT_SECRET must be at least 32 bytes"));
-                }
-                let key = DecodingKey::from_secret(secret.as_bytes())
-                    .map_err(|e| setup(format!("JWT_SECRET: {e}")))?;
-                let alg = default_algorithm(&key);
-                (VerifyKeys::One(key), vec![alg])
-            } else if let Some(path) = &config.jwt_public_key_file {
-                let key = public_key(&read_file(path, "JWT_PUBLIC_KEY_FILE")?)?;
-                let alg = default_algorithm(&key);
-                (VerifyKeys::One(key), vec![alg])
-            } else {
-                let path = config
-                    .jwt_jwks_file
-                    .as_ref()
-                    .ok_or_else(|| setup("JWT_JWKS_FILE"))?;
-                let set: JwkSet = serde_json::from_slice(&read_file(path, "JWT_JWKS_FILE")?)
-                    .map_err(|e| setup(format!("JWT_JWKS_FILE: not a JWKS document: {e}")))?;
-                let mut keys = HashMap::new();
-                let mut algorithms = Vec::new();
-                for jwk in &set.keys {
-                    let kid = jwk
-                        .common
-                        .key_id
-                        .clone()
-                        .ok_or_else(|| setup("JWT_JWKS_FILE: every key needs a kid"))?;
-                    if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
-                        return Err(setup(
-                            "JWT_JWKS_FILE: symmetric keys are not accepted; use JWT_SECRET",
-                        ));
-                    }
-                    let key = DecodingKey::from_jwk(jwk)
-                        .map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?;
-                    let alg = match jwk.common.key_algorithm {
-                        Some(a) => Algorithm::try_from(a)
-                            .map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?,
-                        None => default_algorithm(&key),
-                    };
-                    if !algorithms.contains(&alg) {
-                        algorithms.push(alg);
-                    }
-                    keys.insert(kid, key);
-                }
-                if keys.is_empty() {
-                    return Err(setup("JWT_JWKS_FILE: no keys"));
-                }
-                (VerifyKeys::ByKid(keys), algorithms)
-            };
-        let algorithms = match &config.jwt_algorithms {
-            None => families,
-            Some(names) => {
-                let pinned = names
+        let pinned = match &config.jwt_algorithms {
+            None => None,
+            Some(names) => Some(
+                names
                     .iter()
                     .map(|n| {
                         n.trim()
                             .parse::<Algorithm>()
                             .map_err(|_| setup(format!("JWT_ALGORITHMS: unknown algorithm {n:?}")))
                     })
-                    .collect::<Result<Vec<_>, _>>()?;
-                // Each pinned algorithm must belong to the configured key's family: an RSA
-                // public key must never be usable as an HMAC secret.
-                let family_of = |a: &Algorithm| a.family();
-                if let Some(bad) = pinned
-                    .iter()
-                    .find(|a| !families.iter().any(|f| family_of(f) == family_of(a)))
-                {
-                    return Err(setup(format!(
-                        "JWT_ALGORITHMS: {bad:?} does not fit the configured key"
-                    )));
-                }
-                pinned
-            }
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
         };
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        validation.leeway = config.jwt_leeway.as_secs();
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        validation.required_spec_claims = ["exp".to_owned(), "sub".to_owned()].into();
-        validation.validate_aud = config.jwt_audience.is_some();
-        if let Some(iss) = &config.jwt_issuer {
-            validation.set_issuer(&[iss]);
-        }
-        if let Some(aud) = &config.jwt_audience {
-            validation.set_audience(&[aud]);
-        }
+        // The rules for one key: its own algorithm, or the pinned ones of its family. An RSA
+        // public key is never usable as an HMAC secret.
+        let rules = |key: DecodingKey, own: Algorithm| -> Result<KeyRules, AuthSetupError> {
+            let algorithms = match &pinned {
+                None => vec![own],
+                Some(pinned) => pinned
+                    .iter()
+                    .copied()
+                    .filter(|a| a.family() == own.family())
+                    .collect(),
+            };
+            if algorithms.is_empty() {
+                return Err(setup(format!(
+                    "JWT_ALGORITHMS: none fits the configured {own:?} key"
+                )));
+            }
+            Ok(KeyRules {
+                key,
+                validation: validation(config, algorithms),
+            })
+        };
+        let keys = if let Some(secret) = &config.jwt_secret {
+            if secret.len() < 32 {
+                return Err(setup("JWT_SECRET must be at least 32 bytes"));
+            }
+            let key = DecodingKey::from_secret(secret.as_bytes())
+                .map_err(|e| setup(format!("JWT_SECRET: {e}")))?;
+            let own = default_algorithm(&key);
+            VerifyKeys::One(Box::new(rules(key, own)?))
+        } else if let Some(path) = &config.jwt_public_key_file {
+            let key = public_key(&read_file(path, "JWT_PUBLIC_KEY_FILE")?)?;
+            let own = default_algorithm(&key);
+            VerifyKeys::One(Box::new(rules(key, own)?))
+        } else {
+            let path = config
+                .jwt_jwks_file
+                .as_ref()
+                .ok_or_else(|| setup("JWT_JWKS_FILE"))?;
+            let set: JwkSet = serde_json::from_slice(&read_file(path, "JWT_JWKS_FILE")?)
+                .map_err(|e| setup(format!("JWT_JWKS_FILE: not a JWKS document: {e}")))?;
+            let mut keys = HashMap::new();
+            for jwk in &set.keys {
+                let kid = jwk
+                    .common
+                    .key_id
+                    .clone()
+                    .ok_or_else(|| setup("JWT_JWKS_FILE: every key needs a kid"))?;
+                if matches!(jwk.algorithm, AlgorithmParameters::OctetKey(_)) {
+                    return Err(setup(
+                        "JWT_JWKS_FILE: symmetric keys are not accepted; use JWT_SECRET",
+                    ));
+                }
+                let key = DecodingKey::from_jwk(jwk)
+                    .map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?;
+                let own = match jwk.common.key_algorithm {
+                    Some(a) => Algorithm::try_from(a)
+                        .map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?,
+                    None => default_algorithm(&key),
+                };
+                keys.insert(kid, rules(key, own)?);
+            }
+            if keys.is_empty() {
+                return Err(setup("JWT_JWKS_FILE: no keys"));
+            }
+            VerifyKeys::ByKid(keys)
+        };
         Ok(Self {
             keys,
-            validation,
             defaults: config.default_channels.clone(),
             leeway: config.jwt_leeway,
         })
@@ -424,16 +442,16 @@ impl Verifier {
     /// Verifies `token` and returns who it is for and what it grants.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Malformed)?;
-        let key = match &self.keys {
-            VerifyKeys::One(key) => key,
+        let rules = match &self.keys {
+            VerifyKeys::One(rules) => rules,
             VerifyKeys::ByKid(keys) => header
                 .kid
                 .as_deref()
                 .and_then(|kid| keys.get(kid))
                 .ok_or(AuthError::UnknownKey)?,
         };
-        let data = jsonwebtoken::decode::<TokenClaims>(token, key, &self.validation).map_err(
-            |e| match e.kind() {
+        let data = jsonwebtoken::decode::<TokenClaims>(token, &rules.key, &rules.validation)
+            .map_err(|e| match e.kind() {
                 ErrorKind::InvalidSignature => AuthError::BadSignature,
                 ErrorKind::InvalidAlgorithm
                 | ErrorKind::InvalidAlgorithmName
@@ -447,8 +465,7 @@ impl Verifier {
                 }
                 ErrorKind::Json(e) => AuthError::Claims(e.to_string()),
                 _ => AuthError::Malformed,
-            },
-        )?;
+            })?;
         let claims = data.claims;
         let mut grants = claims
             .channels

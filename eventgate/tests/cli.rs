@@ -109,6 +109,13 @@ async fn standalone_prints_curl_commands_that_work_and_exits_on_sigterm() {
         "a subscribing and a publishing command: {lines:#?}"
     );
     assert!(lines.iter().any(|l| l.contains("in-memory broker")));
+    // No keys configured: a secret, a publisher key and a ready token are made and printed.
+    for label in ["JWT_SECRET", "PUBLISHER_API_KEYS", "subscriber token"] {
+        assert!(
+            printed_value(&lines, label).len() >= 32,
+            "{label}: {lines:#?}"
+        );
+    }
 
     // The subscribing command, run by a real shell and curl.
     let mut subscriber = Command::new("sh")
@@ -345,4 +352,200 @@ async fn standalone_uses_redis_when_redis_url_is_set() {
     assert_eq!(answer.status(), StatusCode::ACCEPTED);
     let length: u64 = redis.query(&["XLEN", "eventgate:stream:orders"]).await;
     assert_eq!(length, 1, "the event went to Redis, not to memory");
+}
+
+#[tokio::test]
+async fn gateway_and_publisher_refuse_to_start_without_key_material() {
+    let redis = [("REDIS_URL", "redis://127.0.0.1:1")];
+    let (code, output) = run_to_exit(&["gateway"], &redis).await;
+    assert_eq!(code, Some(64), "{output}");
+    assert!(output.contains("JWT_SECRET"), "{output}");
+    let (code, output) = run_to_exit(&["gateway"], &[redis[0], ("JWT_SECRET", "too-short")]).await;
+    assert_eq!(code, Some(64), "{output}");
+    assert!(output.contains("at least 32 bytes"), "{output}");
+    assert!(
+        !output.contains("too-short"),
+        "the secret is not echoed: {output}"
+    );
+    let (code, output) = run_to_exit(&["publisher"], &redis).await;
+    assert_eq!(code, Some(64), "{output}");
+    assert!(output.contains("PUBLISHER_API_KEYS"), "{output}");
+}
+
+/// The base URL printed after `label` (`gateway` or `publisher`) in standalone's banner.
+fn printed_url(lines: &[String], label: &str) -> String {
+    lines
+        .iter()
+        .filter_map(|l| l.trim().strip_prefix(label))
+        .map(str::trim)
+        .find(|v| v.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no {label} URL in {lines:#?}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_credential_reaches_the_logs() {
+    let secret = "log-test-secret-0123456789abcdefghij";
+    let keys = "log-test-key-full-0123456,log-test-key-orders-0123=orders";
+    let mut server = eventgate(
+        &[],
+        &[
+            ("GATEWAY_ADDR", "127.0.0.1:0"),
+            ("PUBLISHER_ADDR", "127.0.0.1:0"),
+            ("JWT_SECRET", secret),
+            ("PUBLISHER_API_KEYS", keys),
+            ("AUTH_COOKIE", "eg_session"),
+            ("ALLOW_QUERY_TOKEN", "true"),
+            ("LOG_FORMAT", "json"),
+        ],
+    );
+    let mut lines = Vec::new();
+    read_until(&mut server, &mut lines, |l| l.contains("/v1/tokens")).await;
+    let gateway = printed_url(&lines, "gateway");
+    let publisher = printed_url(&lines, "publisher");
+    // Every credential value this run uses; none may appear in the output.
+    let mut secrets: Vec<String> = vec![
+        secret.into(),
+        "log-test-key-full-0123456".into(),
+        "log-test-key-orders-0123".into(),
+        "log-test-wrong-key-0123456".into(),
+    ];
+    let http = reqwest::Client::new();
+
+    // The publisher: good, scoped, wrong and missing keys; minting.
+    let publish = |key: &str, channel: &str| {
+        http.post(format!("{publisher}/v1/publish"))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"channel":"{channel}","data":1}}"#))
+            .send()
+    };
+    let statuses = [
+        publish("log-test-key-full-0123456", "orders")
+            .await
+            .expect("publish")
+            .status(),
+        publish("log-test-key-orders-0123", "payments")
+            .await
+            .expect("publish")
+            .status(),
+        publish("log-test-wrong-key-0123456", "orders")
+            .await
+            .expect("publish")
+            .status(),
+    ];
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::ACCEPTED,
+            StatusCode::FORBIDDEN,
+            StatusCode::UNAUTHORIZED
+        ]
+    );
+    let minted: serde_json::Value = http
+        .post(format!("{publisher}/v1/tokens"))
+        .bearer_auth("log-test-key-full-0123456")
+        .header("content-type", "application/json")
+        .body(r#"{"sub":"alex","channels":["orders"]}"#)
+        .send()
+        .await
+        .expect("mint")
+        .json()
+        .await
+        .expect("JSON");
+    let token = minted["token"].as_str().expect("token").to_owned();
+    secrets.push(token.clone());
+
+    // The gateway: every credential source, good and bad.
+    let get = |query: String| http.get(format!("{gateway}/v1/events?{query}")).send();
+    let mut tickets = Vec::new();
+    for _ in 0..3 {
+        let answer: serde_json::Value = http
+            .post(format!("{gateway}/v1/tickets"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("ticket")
+            .json()
+            .await
+            .expect("JSON");
+        tickets.push(answer["ticket"].as_str().expect("ticket").to_owned());
+    }
+    secrets.extend(tickets.iter().cloned());
+    let fake_ticket = "fake-ticket-value-abcdefghijklmnop";
+    let bad_token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.bad-signature-value";
+    secrets.extend([fake_ticket.to_owned(), bad_token.to_owned()]);
+    let opened = [
+        http.get(format!("{gateway}/v1/events?channel=orders"))
+            .bearer_auth(&token)
+            .send()
+            .await,
+        get(format!("channel=orders&ticket={}", tickets[0])).await,
+        get(format!("channel=orders&ticket={}", tickets[0])).await,
+        get(format!("channel=orders&ticket={fake_ticket}")).await,
+        get(format!("channel=orders&token={token}")).await,
+        get(format!("channel=orders&token={bad_token}")).await,
+        http.get(format!("{gateway}/v1/events?channel=orders"))
+            .header("cookie", format!("eg_session={token}"))
+            .send()
+            .await,
+        http.get(format!("{gateway}/v1/events?channel=payments"))
+            .bearer_auth(&token)
+            .send()
+            .await,
+        http.get(format!(
+            "{gateway}/nowhere?token={token}&ticket={}",
+            tickets[1]
+        ))
+        .bearer_auth(bad_token)
+        .send()
+        .await,
+    ];
+    let statuses: Vec<u16> = opened
+        .into_iter()
+        .map(|r| r.expect("request").status().as_u16())
+        .collect();
+    assert_eq!(statuses, [200, 200, 401, 401, 200, 401, 200, 403, 404]);
+    // A WebSocket with a ticket, refreshed with a token.
+    let ws_url = format!(
+        "{}/v1/ws?ticket={}",
+        gateway.replacen("http://", "ws://", 1),
+        tickets[2]
+    );
+    let mut ws = support::WsClient::connect_headers(&ws_url, &[])
+        .await
+        .expect("handshake");
+    let reply = ws
+        .request(serde_json::json!({"type": "refresh", "token": token}))
+        .await;
+    assert_eq!(reply["type"], "refreshed");
+    drop(ws);
+
+    sigterm(&server);
+    let output = tokio::time::timeout(SOON, server.wait_with_output())
+        .await
+        .expect("exits")
+        .expect("output");
+    let everything = format!(
+        "{}\n{}\n{}",
+        lines.join("\n"),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for value in &secrets {
+        assert!(
+            !everything.contains(value.as_str()),
+            "a credential reached the output: {value}"
+        );
+    }
+    // The requests were logged, with their credentials redacted.
+    let logged = |what: &str| everything.lines().filter(|l| l.contains(what)).count();
+    assert!(
+        logged("request refused") >= 6,
+        "refusals are logged:\n{everything}"
+    );
+    assert!(
+        logged("REDACTED") >= 3,
+        "URLs are logged with credentials redacted:\n{everything}"
+    );
 }

@@ -187,9 +187,11 @@ pub async fn run(
 /// The gateway's routes. Browsers on `ALLOWED_ORIGINS` may call the events and tickets
 /// endpoints cross-origin, with credentials.
 pub fn app(state: Arc<GatewayState>) -> Router {
+    // Each part gets its 405 answer before the CORS layer, so preflights (OPTIONS) reach it.
     let mut browser = Router::new()
         .route("/v1/events", get(sse::events))
-        .route("/v1/tickets", post(auth::tickets));
+        .route("/v1/tickets", post(auth::tickets))
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     if let Some(origins) = state.config.allowed_origins.clone() {
         let cors = CorsLayer::new()
             .allow_origin(AllowOrigin::predicate(move |origin, _| {
@@ -202,13 +204,13 @@ pub fn app(state: Arc<GatewayState>) -> Router {
         browser = browser.layer(cors);
     }
     Router::new()
-        .merge(browser)
         .route("/v1/ws", get(ws::upgrade))
         .route("/v1/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .merge(browser)
+        .fallback(|| async { ApiError::NotFound })
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<_>| {

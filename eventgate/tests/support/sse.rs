@@ -54,7 +54,12 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn connect(http: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> Self {
-        let mut request = http.get(url).header("accept", "text/event-stream");
+        Self::open(http.get(url), last_event_id).await
+    }
+
+    /// Sends `request` (a GET, with whatever headers the test chose) as an SSE request.
+    pub async fn open(request: reqwest::RequestBuilder, last_event_id: Option<&str>) -> Self {
+        let mut request = request.header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             request = request.header("last-event-id", id);
         }
