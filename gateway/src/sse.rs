@@ -66,6 +66,8 @@ pub fn parse_request(
                     channels.push(channel);
                 }
             }
+            // Empty means none, like an empty `Last-Event-ID` header: a page can always send it.
+            "last_event_id" if value.is_empty() => {}
             "last_event_id" => cursor_param = Some(value.into_owned()),
             "duration" => {
                 let parsed = parse_duration(&value)
@@ -510,5 +512,21 @@ impl Drop for SseBody {
             end = self.end,
             "stream closed"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_last_event_id_means_a_fresh_start() {
+        let mut headers = HeaderMap::new();
+        let parse = |q: &str, h: &HeaderMap| parse_request(Some(q), h, 64).map(|r| r.cursor);
+        assert_eq!(parse("channel=a&last_event_id=", &headers).ok(), Some(None));
+        assert_eq!(parse("channel=a&last_event_id=42", &headers).ok(), Some(Some(42)));
+        assert!(parse("channel=a&last_event_id=x", &headers).is_err());
+        headers.insert("last-event-id", HeaderValue::from_static("7"));
+        assert_eq!(parse("channel=a&last_event_id=42", &headers).ok(), Some(Some(7)));
     }
 }
