@@ -184,7 +184,9 @@ impl Identity {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        (Duration::from_secs(self.expires_at) + leeway).saturating_sub(now)
+        Duration::from_secs(self.expires_at)
+            .saturating_add(leeway)
+            .saturating_sub(now)
     }
 }
 
@@ -245,7 +247,8 @@ impl AuthError {
 #[derive(Deserialize)]
 struct TokenClaims {
     sub: String,
-    exp: u64,
+    /// JSON numbers; some issuers write fractional seconds.
+    exp: f64,
     #[serde(default)]
     channels: Vec<String>,
 }
@@ -329,6 +332,10 @@ fn validation(config: &AuthConfig, algorithms: Vec<Algorithm>) -> Validation {
 impl Verifier {
     /// Builds the verifier; refuses when there is no key material, or more than one kind.
     pub fn new(config: &AuthConfig) -> Result<Self, AuthSetupError> {
+        if config.jwt_leeway > MAX_LEEWAY {
+            return Err(setup("JWT_LEEWAY may be at most 5m"));
+        }
+        check_defaults(&config.default_channels)?;
         let sources = [
             config.jwt_secret.is_some(),
             config.jwt_public_key_file.is_some(),
@@ -419,6 +426,19 @@ impl Verifier {
                         .map_err(|e| setup(format!("JWT_JWKS_FILE: key {kid}: {e}")))?,
                     None => default_algorithm(&key),
                 };
+                // A key whose `alg` or `use` cannot verify tokens would fail every token; say so
+                // at start instead.
+                if own.family() != key.family() {
+                    return Err(setup(format!(
+                        "JWT_JWKS_FILE: key {kid}: alg {own:?} does not fit its key type"
+                    )));
+                }
+                if matches!(jwk.common.public_key_use, Some(ref u) if *u != jsonwebtoken::jwk::PublicKeyUse::Signature)
+                {
+                    return Err(setup(format!(
+                        "JWT_JWKS_FILE: key {kid} is not for signatures (use)"
+                    )));
+                }
                 keys.insert(kid, rules(key, own)?);
             }
             if keys.is_empty() {
@@ -473,19 +493,39 @@ impl Verifier {
             .map(|c| Pattern::parse(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| AuthError::Claims(format!("channels: {e}")))?;
-        // Defaults apply only where the subject makes a valid channel name.
-        grants.extend(
-            self.defaults.iter().filter_map(|template| {
-                Pattern::parse(&template.replace("{sub}", &claims.sub)).ok()
-            }),
-        );
+        grants.extend(expand_defaults(&self.defaults, &claims.sub));
         Ok(Identity {
             sub: claims.sub,
             grants,
-            expires_at: claims.exp,
+            expires_at: claims.exp.max(0.0) as u64,
         })
     }
 }
+
+/// `DEFAULT_CHANNELS` for one subject. Only a subject that is itself a valid channel name (no
+/// `*`, no spaces) is substituted, so a subject can never widen a grant: `sub: "*"` gets no
+/// defaults instead of every channel.
+pub fn expand_defaults(templates: &[String], sub: &str) -> Vec<Pattern> {
+    if Channel::parse(sub).is_err() {
+        return Vec::new();
+    }
+    templates
+        .iter()
+        .filter_map(|t| Pattern::parse(&t.replace("{sub}", sub)).ok())
+        .collect()
+}
+
+/// Refuses `DEFAULT_CHANNELS` entries that are not patterns for an ordinary subject.
+fn check_defaults(templates: &[String]) -> Result<(), AuthSetupError> {
+    for template in templates {
+        Pattern::parse(&template.replace("{sub}", "x"))
+            .map_err(|e| setup(format!("DEFAULT_CHANNELS: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Longest `JWT_LEEWAY` accepted: clock skew, not a grace period.
+const MAX_LEEWAY: Duration = Duration::from_secs(300);
 
 /// Mints subscriber tokens (the publisher's `POST /v1/tokens`).
 pub struct Minter {
@@ -498,7 +538,13 @@ pub struct Minter {
 impl Minter {
     /// `None` when no signing key is configured (minting is then unavailable).
     pub fn new(config: &AuthConfig) -> Result<Option<Self>, AuthSetupError> {
+        if config.jwt_secret.is_some() && config.jwt_private_key_file.is_some() {
+            return Err(setup("set only one of JWT_SECRET and JWT_PRIVATE_KEY_FILE"));
+        }
         let (key, algorithm) = if let Some(secret) = &config.jwt_secret {
+            if secret.len() < 32 {
+                return Err(setup("JWT_SECRET must be at least 32 bytes"));
+            }
             let key = EncodingKey::from_secret(secret.as_bytes())
                 .map_err(|e| setup(format!("JWT_SECRET: {e}")))?;
             (key, Algorithm::HS256)
@@ -518,19 +564,13 @@ impl Minter {
         } else {
             return Ok(None);
         };
-        let algorithm = match config.jwt_algorithms.as_deref().and_then(|a| a.first()) {
-            Some(name) => {
-                let pinned: Algorithm = name
-                    .trim()
-                    .parse()
-                    .map_err(|_| setup(format!("JWT_ALGORITHMS: unknown {name:?}")))?;
-                if pinned.family() != algorithm.family() {
-                    return Err(setup(format!(
-                        "JWT_ALGORITHMS: {pinned:?} does not fit the signing key"
-                    )));
-                }
-                pinned
-            }
+        // The first pinned algorithm of the key's family signs.
+        let algorithm = match config.jwt_algorithms.as_deref() {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| n.trim().parse::<Algorithm>().ok())
+                .find(|a| a.family() == algorithm.family())
+                .ok_or_else(|| setup("JWT_ALGORITHMS: none fits the signing key"))?,
             None => algorithm,
         };
         Ok(Some(Self {
@@ -666,6 +706,72 @@ mod tests {
             Verifier::new(&pinned).is_err(),
             "an HMAC secret cannot verify RS256"
         );
+    }
+
+    #[test]
+    fn a_subject_never_widens_a_default_grant() {
+        let config = secret_config();
+        let verifier = Verifier::new(&config).unwrap();
+        let minter = Minter::new(&config).unwrap().unwrap();
+        for sub in ["*", "bob*", "a b"] {
+            let (token, _) = minter.mint(sub, &[], Duration::from_secs(60)).unwrap();
+            let identity = verifier.verify(&token).unwrap();
+            assert!(identity.grants.is_empty(), "{sub:?}: {:?}", identity.grants);
+        }
+        let mut bad = secret_config();
+        bad.default_channels = vec!["user {sub}".into()];
+        assert!(
+            Verifier::new(&bad).is_err(),
+            "a template that is no pattern fails at start"
+        );
+    }
+
+    #[test]
+    fn fractional_exp_is_accepted() {
+        let config = secret_config();
+        let exp = unix_now() as f64 + 60.5;
+        let claims = serde_json::json!({"sub": "alex", "exp": exp});
+        let key =
+            EncodingKey::from_secret(config.jwt_secret.as_deref().unwrap().as_bytes()).unwrap();
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        let identity = Verifier::new(&config).unwrap().verify(&token).unwrap();
+        assert_eq!(identity.expires_at, exp as u64);
+    }
+
+    #[test]
+    fn settings_that_cannot_work_refuse_to_start() {
+        let mut leeway = secret_config();
+        leeway.jwt_leeway = Duration::from_secs(3600);
+        assert!(Verifier::new(&leeway).is_err());
+        let mut short = secret_config();
+        short.jwt_secret = Some("short".into());
+        assert!(Minter::new(&short).is_err());
+        let fixtures =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../eventgate/tests/fixtures");
+        let mut both = secret_config();
+        both.jwt_private_key_file = Some(fixtures.join("rsa-private.pem"));
+        assert!(Minter::new(&both).is_err(), "two signing keys");
+        let jwks: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixtures.join("jwks.json")).unwrap()).unwrap();
+        for (field, value) in [("alg", "ES256"), ("use", "enc")] {
+            let mut broken = jwks.clone();
+            broken["keys"][0][field] = value.into();
+            let path = std::env::temp_dir().join(format!(
+                "eventgate-jwks-{}-{field}.json",
+                std::process::id()
+            ));
+            std::fs::write(&path, broken.to_string()).unwrap();
+            let config = AuthConfig {
+                jwt_jwks_file: Some(path.clone()),
+                ..AuthConfig::default()
+            };
+            let refused = Verifier::new(&config).is_err();
+            let _ = std::fs::remove_file(&path);
+            assert!(
+                refused,
+                "an RSA key with {field} {value} is refused at start"
+            );
+        }
     }
 
     #[test]

@@ -12,6 +12,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// A duration of at most `max` (written the way `max_text` says), for settings where a larger
+/// value is a mistake.
+pub fn parse_duration_at_most(
+    text: &str,
+    max: Duration,
+    max_text: &str,
+) -> Result<Duration, String> {
+    let d = parse_duration(text)?;
+    if d > max {
+        return Err(format!("may be at most {max_text}"));
+    }
+    Ok(d)
+}
+
 /// Broker settings. Every field is an environment variable and a command-line flag.
 #[derive(clap::Args, Clone)]
 pub struct BrokerConfig {

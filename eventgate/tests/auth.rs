@@ -882,7 +882,9 @@ async fn minted_tokens_work_on_the_gateway_within_the_keys_scope() {
     options.publisher.publisher_api_keys = vec![
         TEST_PUBLISHER_KEY.into(),
         "invoices-key-0123456789=invoice:*".into(),
+        "invoices-users-key-0123456789=invoice:*|user:*".into(),
     ];
+    options.auth.default_channels = vec!["user:{sub}".into()];
     let stack = Stack::start_with(Backend::Memory, options).await;
     let response = mint(
         &stack,
@@ -960,9 +962,26 @@ async fn minted_tokens_work_on_the_gateway_within_the_keys_scope() {
         let (got, got_code, _) = refusal(mint(&stack, key, request.clone()).await).await;
         assert_eq!((got, got_code.as_str()), (status, code), "{request}");
     }
+    // DEFAULT_CHANNELS count against a scoped key too: it cannot mint its way into `user:*`.
+    let (status, code, _) = refusal(
+        mint(
+            &stack,
+            "invoices-key-0123456789",
+            json!({"sub": "alex", "channels": ["invoice:1"]}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(
+        (status, code.as_str()),
+        (StatusCode::FORBIDDEN, "forbidden")
+    );
+    let unscoped = mint(&stack, TEST_PUBLISHER_KEY, json!({"sub": "alex"})).await;
+    assert_eq!(unscoped.status(), StatusCode::OK);
+    assert_eq!(unscoped.headers()["cache-control"], "no-store");
     let narrower = mint(
         &stack,
-        "invoices-key-0123456789",
+        "invoices-users-key-0123456789",
         json!({"sub": "a", "channels": ["invoice:1*", "invoice:9"]}),
     )
     .await;

@@ -45,6 +45,9 @@ pub struct Authenticator {
     pub ticket_ttl: Duration,
 }
 
+/// Longest a connection stays open on one token.
+const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// Longest ticket worth a broker round trip (ours are 43 characters).
 const MAX_TICKET_LEN: usize = 128;
 
@@ -144,9 +147,10 @@ impl Authenticator {
         Ok((identity, credential.source))
     }
 
-    /// How long a connection of `identity` may stay open.
+    /// How long a connection of `identity` may stay open (capped, so a token with an absurd
+    /// `exp` cannot overflow a timer).
     pub fn lifetime(&self, identity: &Identity) -> Duration {
-        identity.remaining(self.verifier.leeway())
+        identity.remaining(self.verifier.leeway()).min(MAX_LIFETIME)
     }
 }
 

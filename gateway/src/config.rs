@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use eventgate_broker::config::parse_duration;
+use eventgate_broker::config::{parse_duration, parse_duration_at_most};
 
 /// Gateway settings. Every field is an environment variable and a command-line flag.
 #[derive(clap::Args, Clone, Debug)]
@@ -68,7 +68,8 @@ pub struct GatewayConfig {
     pub allow_query_token: bool,
 
     /// How long a ticket from `POST /v1/tickets` may be redeemed (once).
-    #[arg(long, env = "TICKET_TTL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TICKET_TTL", default_value = "30s",
+          value_parser = |s: &str| parse_duration_at_most(s, Duration::from_secs(600), "10m"))]
     pub ticket_ttl: Duration,
 
     /// History entries read per channel per round trip when replaying.

@@ -524,9 +524,15 @@ mod tests {
         let mut headers = HeaderMap::new();
         let parse = |q: &str, h: &HeaderMap| parse_request(Some(q), h, 64).map(|r| r.cursor);
         assert_eq!(parse("channel=a&last_event_id=", &headers).ok(), Some(None));
-        assert_eq!(parse("channel=a&last_event_id=42", &headers).ok(), Some(Some(42)));
+        assert_eq!(
+            parse("channel=a&last_event_id=42", &headers).ok(),
+            Some(Some(42))
+        );
         assert!(parse("channel=a&last_event_id=x", &headers).is_err());
         headers.insert("last-event-id", HeaderValue::from_static("7"));
-        assert_eq!(parse("channel=a&last_event_id=42", &headers).ok(), Some(Some(7)));
+        assert_eq!(
+            parse("channel=a&last_event_id=42", &headers).ok(),
+            Some(Some(7))
+        );
     }
 }

@@ -447,6 +447,14 @@ impl WsConnection {
     ) -> Step {
         let mut replayed = 0;
         loop {
+            // The expiry timer is not polled while a replay runs: check it here.
+            if self.expires.is_elapsed() {
+                return Err(Ending::close(
+                    code::POLICY,
+                    "token expired",
+                    "token_expired",
+                ));
+            }
             let item = match first.take() {
                 Some(item) => Some(item),
                 None => match replay.next().await {

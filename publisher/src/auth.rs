@@ -13,11 +13,11 @@ use axum::{
 };
 use eventgate_broker::{
     Channel,
-    auth::{AuthConfig, AuthSetupError, Minter, Pattern},
+    auth::{AuthConfig, AuthSetupError, Minter, Pattern, expand_defaults},
     event::format_timestamp,
 };
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -131,6 +131,9 @@ pub struct PublisherAuth {
     pub keys: ApiKeys,
     /// `None` when no signing key is configured: `POST /v1/tokens` answers 501.
     pub minter: Option<Minter>,
+    /// `DEFAULT_CHANNELS`: what gateways add to every token, so a scoped key's tokens are
+    /// checked with them (set it the same on publishers and gateways).
+    pub defaults: Vec<String>,
 }
 
 impl PublisherAuth {
@@ -141,6 +144,7 @@ impl PublisherAuth {
         Ok(Self {
             keys: ApiKeys::from_config(config)?,
             minter: Minter::new(auth)?,
+            defaults: auth.default_channels.clone(),
         })
     }
 }
@@ -202,7 +206,7 @@ pub async fn mint(
     axum::Extension(scope): axum::Extension<KeyScope>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<impl axum::response::IntoResponse, ApiError> {
     let Some(minter) = &state.auth.minter else {
         return Err(ApiError::MintingDisabled);
     };
@@ -235,6 +239,14 @@ pub async fn mint(
             "this key may not grant channel {denied}"
         )));
     }
+    // Gateways add DEFAULT_CHANNELS for the subject: a scoped key must cover those too, or it
+    // could mint its way into any user's channel.
+    let defaults = expand_defaults(&state.auth.defaults, &request.sub);
+    if let Some(denied) = defaults.iter().find(|p| !scope.covers(p)) {
+        return Err(ApiError::Forbidden(format!(
+            "this key may not mint tokens for this subject: DEFAULT_CHANNELS grants {denied}"
+        )));
+    }
     let max = state.config.token_max_ttl;
     let ttl = match request.ttl_seconds {
         None => max.min(Duration::from_secs(3600)),
@@ -259,9 +271,8 @@ pub async fn mint(
         .mint(&request.sub, &patterns, ttl)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     let expires_at = std::time::UNIX_EPOCH + Duration::from_secs(expires_at);
-    Ok(Json(
-        json!({"token": token, "expires_at": format_timestamp(expires_at)}),
-    ))
+    let body = json!({"token": token, "expires_at": format_timestamp(expires_at)});
+    Ok(([(header::CACHE_CONTROL, "no-store")], Json(body)))
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
-use eventgate_broker::config::parse_duration;
+use eventgate_broker::config::parse_duration_at_most;
 
 /// Publisher settings. Every field is an environment variable and a command-line flag.
 #[derive(clap::Args, Clone)]
@@ -46,7 +46,8 @@ pub struct PublisherConfig {
     pub publisher_api_keys_file: Option<PathBuf>,
 
     /// Longest lifetime of a token minted by `POST /v1/tokens`.
-    #[arg(long, env = "TOKEN_MAX_TTL", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "TOKEN_MAX_TTL", default_value = "24h",
+          value_parser = |s: &str| parse_duration_at_most(s, Duration::from_secs(366 * 24 * 3600), "366d"))]
     pub token_max_ttl: Duration,
 
     /// After SIGTERM, in-flight requests may finish for this long (`SHUTDOWN_TIMEOUT`, set by
