@@ -43,6 +43,10 @@ REDIS_PID=$!; PIDS+=("$REDIS_PID")
 for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
 export REDIS_URL="redis://127.0.0.1:$REDIS_PORT" RUST_LOG=warn
+# The generator is one user on a few addresses opening thousands of streams at once: limits
+# stay on (their cost is measured) but sized so they never refuse it.
+export RATE_LIMIT_CONNECT="1000000/s,burst=1000000" RATE_LIMIT_PUBLISH="1000000/s,burst=1000000" \
+  MAX_CONNECTIONS_PER_IP=1000000 MAX_CONNECTIONS_PER_USER=1000000
 # Fresh key material per run; loadgen reads EVENTGATE_PUBLISHER_KEY and EVENTGATE_TOKEN.
 export JWT_SECRET="$(head -c 32 /dev/urandom | base64 | tr -d '=+/\n')"
 export PUBLISHER_API_KEYS="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"

@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod event;
 pub mod history;
+pub mod limits;
 pub mod memory;
 pub mod redact;
 pub mod redis;

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use eventgate_broker::{
     Broker, BrokerConfig,
     auth::{AuthConfig, AuthSetupError, Minter, Pattern, Verifier, new_secret},
+    limits::EdgeConfig,
 };
 use eventgate_gateway::GatewayConfig;
 use eventgate_publisher::{PublisherAuth, PublisherConfig};
@@ -42,6 +43,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a gateway replica (needs REDIS_URL and a JWT key).
@@ -52,6 +55,8 @@ enum Command {
         gateway: GatewayConfig,
         #[command(flatten)]
         auth: AuthConfig,
+        #[command(flatten)]
+        edge: EdgeConfig,
     },
     /// Run the publisher API (needs REDIS_URL and API keys).
     Publisher {
@@ -61,6 +66,8 @@ enum Command {
         publisher: PublisherConfig,
         #[command(flatten)]
         auth: AuthConfig,
+        #[command(flatten)]
+        edge: EdgeConfig,
     },
     /// Run both in one process; in memory unless REDIS_URL is set (the default command).
     Standalone(StandaloneArgs),
@@ -76,6 +83,8 @@ struct StandaloneArgs {
     publisher: PublisherConfig,
     #[command(flatten)]
     auth: AuthConfig,
+    #[command(flatten)]
+    edge: EdgeConfig,
 }
 
 /// Exit statuses, from sysexits.h.
@@ -96,6 +105,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(cli.log_format);
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,11 +118,25 @@ fn main() -> ExitCode {
     };
     let mut command = cli.command.unwrap_or(Command::Standalone(cli.standalone));
     match &mut command {
-        Command::Gateway { gateway, .. } => gateway.shutdown_timeout = cli.shutdown_timeout,
-        Command::Publisher { publisher, .. } => publisher.shutdown_timeout = cli.shutdown_timeout,
+        Command::Gateway { gateway, edge, .. } => {
+            gateway.shutdown_timeout = cli.shutdown_timeout;
+            gateway.trusted_proxies = edge.trusted_proxies.clone();
+            gateway.request_header_timeout = edge.request_header_timeout;
+        }
+        Command::Publisher {
+            publisher, edge, ..
+        } => {
+            publisher.shutdown_timeout = cli.shutdown_timeout;
+            publisher.trusted_proxies = edge.trusted_proxies.clone();
+            publisher.request_header_timeout = edge.request_header_timeout;
+        }
         Command::Standalone(args) => {
             args.gateway.shutdown_timeout = cli.shutdown_timeout;
             args.publisher.shutdown_timeout = cli.shutdown_timeout;
+            args.gateway.trusted_proxies = args.edge.trusted_proxies.clone();
+            args.gateway.request_header_timeout = args.edge.request_header_timeout;
+            args.publisher.trusted_proxies = args.edge.trusted_proxies.clone();
+            args.publisher.request_header_timeout = args.edge.request_header_timeout;
         }
     }
     match runtime.block_on(run(command)) {
@@ -121,6 +145,15 @@ fn main() -> ExitCode {
             eprintln!("eventgate: {e:#}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// Every stream is an open file: take the hard limit, not the (often 1,024) soft one. The
+/// gateway sizes `MAX_CONNECTIONS` from what this leaves.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
     }
 }
 
@@ -147,6 +180,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             broker,
             gateway,
             auth,
+            ..
         } => {
             let verifier = Verifier::new(&auth).map_err(usage)?;
             let broker = connect_redis(&broker, "gateway").await?;
@@ -160,6 +194,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             broker,
             publisher,
             auth,
+            ..
         } => {
             let publisher_auth = PublisherAuth::from_config(&publisher, &auth).map_err(usage)?;
             let broker = connect_redis(&broker, "publisher").await?;

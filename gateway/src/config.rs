@@ -2,7 +2,10 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use eventgate_broker::config::{parse_duration, parse_duration_at_most};
+use eventgate_broker::{
+    config::{parse_duration, parse_duration_at_most},
+    limits::{Rate, TrustedProxies},
+};
 
 /// Gateway settings. Every field is an environment variable and a command-line flag.
 #[derive(clap::Args, Clone, Debug)]
@@ -77,6 +80,53 @@ pub struct GatewayConfig {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub replay_page_size: u32,
 
+    /// `TRUSTED_PROXIES` (see [`eventgate_broker::limits::EdgeConfig`], shared with the publisher).
+    #[arg(skip = TrustedProxies::default())]
+    pub trusted_proxies: TrustedProxies,
+
+    /// New SSE streams and WebSockets per client IP (`20/s,burst=200`; `off`).
+    #[arg(long, env = "RATE_LIMIT_CONNECT", default_value = "20/s,burst=200")]
+    pub rate_limit_connect: Rate,
+
+    /// `POST /v1/tickets` per client IP.
+    #[arg(long, env = "RATE_LIMIT_TICKETS", default_value = "10/s,burst=50")]
+    pub rate_limit_tickets: Rate,
+
+    /// `subscribe` and `refresh` messages per WebSocket. Ten refusals in a row close it (1008).
+    #[arg(
+        long,
+        env = "RATE_LIMIT_WS_SUBSCRIBE",
+        default_value = "20/s,burst=100"
+    )]
+    pub rate_limit_ws_subscribe: Rate,
+
+    /// Streams (SSE and WebSocket) one client IP may hold at once; 0: no cap.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_IP", default_value_t = 1000)]
+    pub max_connections_per_ip: u32,
+
+    /// Streams one user (`sub`) may hold at once; 0: no cap.
+    #[arg(long, env = "MAX_CONNECTIONS_PER_USER", default_value_t = 100)]
+    pub max_connections_per_user: u32,
+
+    /// Streams this replica holds at most; past it new ones get 503 and `/readyz` turns
+    /// false. Default: the open-files limit less 256 (for Redis and HTTP requests).
+    #[arg(long, env = "MAX_CONNECTIONS")]
+    pub max_connections: Option<u32>,
+
+    /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_broker::limits::EdgeConfig`]).
+    #[arg(skip = Duration::from_secs(10))]
+    pub request_header_timeout: Duration,
+
+    /// Largest request head (request line and headers), in bytes.
+    #[arg(long, env = "MAX_HEADER_BYTES", default_value_t = 16 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=1024 * 1024))]
+    pub max_header_bytes: u32,
+
+    /// Longest request target (path and query), in bytes.
+    #[arg(long, env = "MAX_URL_BYTES", default_value_t = 8 * 1024,
+          value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
+    pub max_url_bytes: u32,
+
     /// After SIGTERM, streams end at once; the server stops at the latest after this
     /// (`SHUTDOWN_TIMEOUT`, set by the binary for both services).
     #[arg(skip = Duration::from_secs(10))]
@@ -101,11 +151,30 @@ impl Default for GatewayConfig {
             ticket_ttl: Duration::from_secs(30),
             replay_page_size: 500,
             shutdown_timeout: Duration::from_secs(10),
+            trusted_proxies: TrustedProxies::default(),
+            rate_limit_connect: Rate::new(20, Duration::from_secs(1), 200),
+            rate_limit_tickets: Rate::new(10, Duration::from_secs(1), 50),
+            rate_limit_ws_subscribe: Rate::new(20, Duration::from_secs(1), 100),
+            max_connections_per_ip: 1000,
+            max_connections_per_user: 100,
+            max_connections: None,
+            request_header_timeout: Duration::from_secs(10),
+            max_header_bytes: 16 * 1024,
+            max_url_bytes: 8 * 1024,
         }
     }
 }
 
 impl GatewayConfig {
+    /// `MAX_CONNECTIONS`, or what the open-files limit allows.
+    pub fn max_connections_or_default(&self) -> usize {
+        match self.max_connections {
+            Some(max) => max as usize,
+            None => rlimit::getrlimit(rlimit::Resource::NOFILE)
+                .map_or(65_536, |(soft, _)| soft.saturating_sub(256).max(1) as usize),
+        }
+    }
+
     /// How often the replica asks Redis for a position marker (see `live`).
     pub(crate) fn marker_interval(&self) -> Duration {
         self.heartbeat_interval.min(Duration::from_secs(5))

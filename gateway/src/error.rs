@@ -4,7 +4,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use eventgate_broker::{BrokerError, Channel, auth::AuthError};
+use eventgate_broker::{BrokerError, Channel, auth::AuthError, limits::RetryAfter};
 use serde_json::json;
 
 /// The challenge sent with every 401 (RFC 6750).
@@ -39,6 +39,24 @@ pub enum ApiError {
     /// The credential does not grant this channel (403).
     #[error("this token may not read channel {0}")]
     Forbidden(Channel),
+    /// A rate limit refused this (429, with `Retry-After`).
+    #[error("too many {limit} requests from this client; retry after {} s", retry.seconds())]
+    RateLimited {
+        limit: &'static str,
+        retry: RetryAfter,
+    },
+    /// A cap on concurrent streams per IP or per user (429).
+    #[error("this {per} already holds {limit} streams (the most allowed); close one first")]
+    TooManyConnections { per: &'static str, limit: u32 },
+    /// The replica holds `MAX_CONNECTIONS` streams (503): another replica can take this one.
+    #[error("this replica is at capacity; retry, the load balancer will pick another")]
+    OverCapacity,
+    #[error("the request target is longer than {0} bytes")]
+    UriTooLong(usize),
+    #[error("the request head is larger than {0} bytes or has too many headers")]
+    HeadersTooLarge(usize),
+    #[error("the request head did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     /// A bug or a broken store; the message is for logs, not secrets.
     #[error("internal error")]
     Internal(String),
@@ -70,6 +88,30 @@ impl ApiError {
             ApiError::Unauthorized(e) => (StatusCode::UNAUTHORIZED, e.code()),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::TooManyConnections { .. } => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_connections")
+            }
+            ApiError::OverCapacity => (StatusCode::SERVICE_UNAVAILABLE, "over_capacity"),
+            ApiError::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            ApiError::HeadersTooLarge(_) => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+        }
+    }
+}
+
+impl ApiError {
+    /// Seconds for `Retry-After`, on refusals a client should retry later.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry, .. } => Some(retry.seconds()),
+            // Nothing frees a held stream at a known time; a few seconds is a fair guess.
+            ApiError::TooManyConnections { .. } => Some(5),
+            _ if self.status_and_code().0 == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
         }
     }
 }
@@ -97,14 +139,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = self.render();
+        let retry_after = self.retry_after();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if status == StatusCode::UNAUTHORIZED {
             headers.insert(

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod frame;
 pub mod hub;
+pub mod limits;
 pub mod live;
 pub mod replay;
 pub mod server;
@@ -70,6 +71,8 @@ pub struct GatewayState {
     pub broker_timeout: Duration,
     /// Verifies subscribers.
     pub auth: auth::Authenticator,
+    /// Rate limits and connection caps.
+    pub admission: Arc<limits::Admission>,
 }
 
 /// A started gateway: its state and the background tasks it owns.
@@ -126,7 +129,14 @@ impl Gateway {
             allow_query_token: config.allow_query_token,
             ticket_ttl: config.ticket_ttl,
         };
+        let admission = Arc::new(limits::Admission::new(&config));
+        tasks.spawn(eventgate_broker::limits::clean_periodically(
+            admission.limiters(),
+            LIMITER_CLEANUP,
+            shutdown.clone().cancelled_owned(),
+        ));
         let state = Arc::new(GatewayState {
+            admission,
             auth,
             broker_timeout: broker.timeout(),
             config,
@@ -171,6 +181,9 @@ async fn heartbeat_and_shutdown(hub: Arc<Hub>, interval: Duration, shutdown: Can
     }
 }
 
+/// How often rate limiters forget clients whose allowance has refilled.
+const LIMITER_CLEANUP: Duration = Duration::from_secs(10);
+
 /// Runs a gateway on `listener` until `shutdown` is cancelled.
 pub async fn run(
     config: GatewayConfig,
@@ -190,7 +203,10 @@ pub fn app(state: Arc<GatewayState>) -> Router {
     // Each part gets its 405 answer before the CORS layer, so preflights (OPTIONS) reach it.
     let mut browser = Router::new()
         .route("/v1/events", get(sse::events))
-        .route("/v1/tickets", post(auth::tickets))
+        .route(
+            "/v1/tickets",
+            post(auth::tickets).layer(tickets_rate_limit(&state)),
+        )
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     if let Some(origins) = state.config.allowed_origins.clone() {
         let cors = CorsLayer::new()
@@ -232,6 +248,50 @@ pub fn app(state: Arc<GatewayState>) -> Router {
         .with_state(state)
 }
 
+/// `RATE_LIMIT_TICKETS`, per client IP, through `tower_governor`. Its limiter joins the
+/// replica's periodic cleanup.
+fn tickets_rate_limit(
+    state: &Arc<GatewayState>,
+) -> tower::util::Either<
+    tower_governor::GovernorLayer<
+        limits::ClientIpKey,
+        governor::middleware::NoOpMiddleware,
+        axum::body::Body,
+    >,
+    tower::layer::util::Identity,
+> {
+    let Some((period, burst)) = state.config.rate_limit_tickets.cell() else {
+        return tower::util::Either::Right(tower::layer::util::Identity::new());
+    };
+    let Some(config) = tower_governor::governor::GovernorConfigBuilder::default()
+        .period(period)
+        .burst_size(burst)
+        .key_extractor(limits::ClientIpKey(Arc::new(
+            state.config.trusted_proxies.clone(),
+        )))
+        .finish()
+    else {
+        return tower::util::Either::Right(tower::layer::util::Identity::new());
+    };
+    let limiter = config.limiter().clone();
+    let cleanup = state.shutdown.clone();
+    tokio::spawn(eventgate_broker::limits::clean_periodically(
+        vec![Arc::new(limits::SharedGovernor(limiter))],
+        LIMITER_CLEANUP,
+        cleanup.cancelled_owned(),
+    ));
+    let admission = state.admission.clone();
+    tower::util::Either::Left(tower_governor::GovernorLayer::new(config).error_handler(
+        move |error| {
+            admission
+                .refused
+                .tickets_rate
+                .fetch_add(1, Ordering::Relaxed);
+            limits::governor_error("ticket")(error)
+        },
+    ))
+}
+
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -242,6 +302,8 @@ async fn healthz() -> Json<serde_json::Value> {
 async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
     let reason = if state.shutdown.is_cancelled() {
         Some("shutting_down")
+    } else if state.admission.is_full() {
+        Some("at_capacity")
     } else if !state.live.is_ready() {
         Some("broker_unavailable")
     } else {
@@ -277,5 +339,14 @@ async fn stats(State(state): State<Arc<GatewayState>>) -> Json<serde_json::Value
         "resets_sent": get(&s.resets_sent),
         "live_reconnects": get(&s.live_reconnects),
         "malformed_messages": get(&s.malformed_messages),
+        "rate_limit_keys": state.admission.rate_limit_keys(),
+        "refused": {
+            "connect_rate": get(&state.admission.refused.connect_rate),
+            "tickets_rate": get(&state.admission.refused.tickets_rate),
+            "ws_message_rate": get(&state.admission.refused.ws_message_rate),
+            "per_ip_cap": get(&state.admission.refused.per_ip_cap),
+            "per_user_cap": get(&state.admission.refused.per_user_cap),
+            "replica_cap": get(&state.admission.refused.replica_cap),
+        },
     }))
 }

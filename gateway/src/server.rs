@@ -19,6 +19,7 @@ use std::{
 
 use axum::{
     Router,
+    extract::ConnectInfo,
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode},
 };
 use bytes::{Buf, Bytes, BytesMut};
@@ -43,11 +44,8 @@ use crate::{
     sse,
 };
 
-/// Longest request head accepted, in bytes.
-const MAX_HEAD: usize = 16 * 1024;
-
-/// How long a client may take to send its request head (slow clients hold sockets).
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most headers in a request head (hyper's limit too).
+const MAX_HEADERS: usize = 100;
 
 /// Serves `listener` until the gateway's shutdown token is cancelled, then stops accepting,
 /// asks hyper connections to finish and waits for every connection, at most `grace`.
@@ -102,26 +100,26 @@ async fn connection(
     app: Router,
 ) -> io::Result<()> {
     let mut head = BytesMut::with_capacity(1024);
-    let complete = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut head)).await;
-    match complete {
-        Err(_) => {
-            return respond_and_close(&mut stream, StatusCode::REQUEST_TIMEOUT, None, "").await;
-        }
+    let config = &state.config;
+    let max_head = config.max_header_bytes as usize;
+    let timeout = config.request_header_timeout;
+    let complete = tokio::time::timeout(timeout, read_head(&mut stream, &mut head, max_head)).await;
+    let refusal = match complete {
+        // Slowloris: a head that never completes does not hold the socket.
+        Err(_) => Some(ApiError::RequestTimeout(timeout)),
         Ok(Err(e)) => return Err(e),
-        Ok(Ok(false)) if head.len() >= MAX_HEAD => {
-            return respond_and_close(
-                &mut stream,
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                None,
-                "",
-            )
-            .await;
-        }
-        Ok(Ok(_)) => {}
+        Ok(Ok(false)) if head.len() >= max_head => Some(ApiError::HeadersTooLarge(max_head)),
+        Ok(Ok(false)) => return Ok(()),
+        Ok(Ok(true)) => check_head(&head, config.max_url_bytes as usize, max_head),
+    };
+    if let Some(error) = refusal {
+        tracing::info!(%peer, code = error.code(), "request refused before routing");
+        let (status, json) = error.render();
+        return respond_and_close(&mut stream, status, Some(json), "", None).await;
     }
     if let Some(request) = sse_request(&head) {
         drop(head);
-        return native_sse(stream, request, &state).await;
+        return native_sse(stream, peer, request, &state).await;
     }
     // Boxed so the (larger) hyper connection does not size every native SSE task.
     Box::pin(hyper_connection(stream, head.freeze(), peer, state, app)).await
@@ -142,11 +140,19 @@ async fn hyper_connection(
     let mut io = Box::pin(io);
     io.as_mut()
         .set_write_timeout_pinned(Some(state.config.write_timeout));
+    // Handlers and the rate limiters see the peer as axum's `ConnectInfo`.
+    let app = tower::ServiceBuilder::new()
+        .map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            request
+        })
+        .service(app);
     let service = TowerToHyperService::new(app);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT);
+        .max_buf_size((state.config.max_header_bytes as usize).max(8192))
+        .header_read_timeout(state.config.request_header_timeout);
     let conn = builder
         .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
@@ -163,16 +169,32 @@ async fn hyper_connection(
     result.map_err(|e| io::Error::other(format!("{peer}: {e}")))
 }
 
-/// Reads until the first request head is complete (`Ok(true)`), the peer closes, or
-/// [`MAX_HEAD`] bytes arrived without one (`Ok(false)`).
-async fn read_head(stream: &mut TcpStream, head: &mut BytesMut) -> io::Result<bool> {
+/// Reads until the first request head is complete (`Ok(true)`), the peer closes, or `max`
+/// bytes arrived without one (`Ok(false)`).
+async fn read_head(stream: &mut TcpStream, head: &mut BytesMut, max: usize) -> io::Result<bool> {
     loop {
         if head.windows(4).any(|w| w == b"\r\n\r\n") {
             return Ok(true);
         }
-        if head.len() >= MAX_HEAD || stream.read_buf(head).await? == 0 {
+        if head.len() >= max || stream.read_buf(head).await? == 0 {
             return Ok(false);
         }
+    }
+}
+
+/// The limits every first request meets, whichever path serves it: the target's length and
+/// the number of headers. Malformed heads are left to hyper, which answers 400.
+fn check_head(head: &[u8], max_url: usize, max_head: usize) -> Option<ApiError> {
+    let line_end = head.windows(2).position(|w| w == b"\r\n")?;
+    let mut parts = head[..line_end].split(|&b| b == b' ');
+    let target = parts.nth(1)?;
+    if target.len() > max_url {
+        return Some(ApiError::UriTooLong(max_url));
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    match httparse::Request::new(&mut headers).parse(head) {
+        Err(httparse::Error::TooManyHeaders) => Some(ApiError::HeadersTooLarge(max_head)),
+        _ => None,
     }
 }
 
@@ -185,7 +207,7 @@ struct SseRequest {
 /// Recognises a plain `GET /v1/events` over HTTP/1.1 without a body; anything else is left to
 /// hyper (which also answers malformed requests).
 fn sse_request(head: &[u8]) -> Option<SseRequest> {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
         return None;
@@ -219,20 +241,32 @@ fn sse_request(head: &[u8]) -> Option<SseRequest> {
 /// Serves one SSE stream on a connection of its own.
 async fn native_sse(
     stream: TcpStream,
+    peer: SocketAddr,
     request: SseRequest,
-    state: &GatewayState,
+    state: &Arc<GatewayState>,
 ) -> io::Result<()> {
     let mut stream = stream;
     let cors = cors_header_lines(&request.headers, state.config.allowed_origins.as_deref());
+    let client = state
+        .admission
+        .trusted
+        .client_ip(peer.ip(), &request.headers);
     // Boxed and dropped once done: opening (auth, attach, first replay page) is a large future
     // that an idle stream should not keep.
-    let opened = Box::pin(sse::open(state, request.query.as_deref(), &request.headers)).await;
+    let opened = Box::pin(sse::open(
+        state,
+        client,
+        request.query.as_deref(),
+        &request.headers,
+    ))
+    .await;
     let mut body = match opened {
         Ok(body) => body,
         Err(error) => {
             let (status, json) = error.render();
             log_refusal(&request, status, &error);
-            return respond_and_close(&mut stream, status, Some(json), &cors).await;
+            let retry = error.retry_after();
+            return respond_and_close(&mut stream, status, Some(json), &cors, retry).await;
         }
     };
     drop(request);
@@ -329,20 +363,23 @@ fn log_refusal(request: &SseRequest, status: StatusCode, error: &ApiError) {
     );
 }
 
-/// Writes a complete response (a JSON error, or an empty one) with `extra` header lines, and
-/// closes.
+/// Writes a complete response (a JSON error, or an empty one) with `extra` header lines and
+/// `Retry-After` when given, and closes.
 async fn respond_and_close(
     stream: &mut TcpStream,
     status: StatusCode,
     json: Option<String>,
     extra: &str,
+    retry_after: Option<u64>,
 ) -> io::Result<()> {
     let body = json.unwrap_or_default();
-    let retry = match status {
-        StatusCode::SERVICE_UNAVAILABLE => "retry-after: 1\r\n".to_owned(),
-        StatusCode::UNAUTHORIZED => format!("www-authenticate: {WWW_AUTHENTICATE}\r\n"),
-        _ => String::new(),
+    let mut retry = match retry_after {
+        Some(seconds) => format!("retry-after: {seconds}\r\n"),
+        None => String::new(),
     };
+    if status == StatusCode::UNAUTHORIZED {
+        retry.push_str(&format!("www-authenticate: {WWW_AUTHENTICATE}\r\n"));
+    }
     let response = format!(
         "HTTP/1.1 {} {}\r\ndate: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}{extra}connection: close\r\n\r\n{body}",
         status.as_u16(),

@@ -14,6 +14,7 @@ use crate::{
     GatewayState,
     error::ApiError,
     hub::{ClientQueue, Hub, Stats},
+    limits::Slot,
     replay::{Replay, ReplayItem},
 };
 
@@ -46,6 +47,8 @@ pub struct Session {
     pub queue: Arc<ClientQueue>,
     pub transport: Transport,
     hub: Arc<Hub>,
+    /// The client's place under the connection caps, given back with the session.
+    _slot: Slot,
 }
 
 impl Drop for Session {
@@ -80,7 +83,7 @@ pub struct Attached {
 
 impl GatewayState {
     /// Registers a new client.
-    pub fn new_session(&self, transport: Transport) -> Result<Session, ApiError> {
+    pub fn new_session(&self, transport: Transport, slot: Slot) -> Result<Session, ApiError> {
         if self.shutdown.is_cancelled() {
             return Err(ApiError::ShuttingDown);
         }
@@ -92,6 +95,7 @@ impl GatewayState {
             queue,
             transport,
             hub: self.hub.clone(),
+            _slot: slot,
         })
     }
 

@@ -8,6 +8,7 @@ use std::{
     collections::VecDeque,
     convert::Infallible,
     future::Future,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
@@ -16,7 +17,7 @@ use std::{
 
 use axum::{
     body::Body,
-    extract::{RawQuery, State},
+    extract::{ConnectInfo, RawQuery, State},
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
@@ -125,9 +126,12 @@ pub fn parse_request(
 /// refusal happens here, before a byte of the stream is written.
 pub(crate) async fn open(
     state: &GatewayState,
+    client: IpAddr,
     query: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<SseBody, ApiError> {
+    // Caps and the connect rate first: refusing costs nothing, verifying a token does.
+    let mut slot = state.admission.admit(client)?;
     let request = parse_request(
         query,
         headers,
@@ -140,7 +144,8 @@ pub(crate) async fn open(
     if let Some(channel) = identity.first_denied(&request.channels) {
         return Err(ApiError::Forbidden(channel.clone()));
     }
-    let session = state.new_session(Transport::Sse)?;
+    slot.add_user(&identity.sub)?;
+    let session = state.new_session(Transport::Sse, slot)?;
     let attached = state
         .attach(&session, &request.channels, request.cursor)
         .await?;
@@ -159,10 +164,12 @@ pub(crate) async fn open(
 
 pub async fn events(
     State(state): State<Arc<GatewayState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let body = open(&state, query.as_deref(), &headers).await?;
+    let client = state.admission.trusted.client_ip(peer.ip(), &headers);
+    let body = open(&state, client, query.as_deref(), &headers).await?;
     let mut response = Body::new(body).into_response();
     let headers = response.headers_mut();
     headers.insert(

@@ -9,6 +9,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     time::Duration,
@@ -16,7 +17,7 @@ use std::{
 
 use axum::{
     extract::{
-        RawQuery, State, WebSocketUpgrade,
+        ConnectInfo, RawQuery, State, WebSocketUpgrade,
         ws::rejection::WebSocketUpgradeRejection,
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket},
     },
@@ -24,7 +25,7 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use eventgate_broker::{Channel, GapReason, auth::Identity, parse_cursor};
+use eventgate_broker::{Channel, GapReason, auth::Identity, limits::DirectLimiter, parse_cursor};
 use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio::time::{Instant, Sleep};
@@ -52,11 +53,14 @@ mod code {
 /// answer before upgrading.
 pub async fn upgrade(
     State(state): State<Arc<GatewayState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|r| ApiError::Handshake(r.status(), r.body_text()))?;
+    let client = state.admission.trusted.client_ip(peer.ip(), &headers);
+    let mut slot = state.admission.admit(client)?;
     let credential = state
         .auth
         .credential(&headers, query.as_deref())
@@ -68,7 +72,8 @@ pub async fn upgrade(
         Some(credential.source),
     )?;
     let identity = state.auth.identify(&state.broker, &credential).await?;
-    let session = state.new_session(Transport::WebSocket)?;
+    slot.add_user(&identity.sub)?;
+    let session = state.new_session(Transport::WebSocket, slot)?;
     let limit = state.config.ws_max_message_bytes as usize;
     Ok(upgrade
         // tungstenite zero-fills its read buffer (128 KiB by default) on every connection;
@@ -101,6 +106,10 @@ impl Ending {
 
 type Step = Result<(), Ending>;
 
+/// Rate-limited messages in a row that close a WebSocket (1008): a client that ignores
+/// `rate_limited` errors is not going to slow down.
+const REFUSALS_BEFORE_CLOSE: u32 = 10;
+
 /// How long a closing connection waits for the peer's close frame.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
@@ -121,6 +130,10 @@ struct WsConnection {
     identity: Identity,
     /// When the token expires (plus leeway): the connection closes with 1008.
     expires: Pin<Box<Sleep>>,
+    /// `RATE_LIMIT_WS_SUBSCRIBE`, made on the first `subscribe` or `refresh`.
+    limiter: Option<Box<DirectLimiter>>,
+    /// Rate-limited messages since the last one let through.
+    refused_in_a_row: u32,
 }
 
 impl WsConnection {
@@ -144,6 +157,8 @@ impl WsConnection {
             uncounted: 0,
             opened: Instant::now(),
             last_heard: Instant::now(),
+            limiter: None,
+            refused_in_a_row: 0,
         }
     }
 
@@ -335,6 +350,12 @@ impl WsConnection {
             .get("type")
             .and_then(Value::as_str)
             .unwrap_or_default();
+        if matches!(kind, "subscribe" | "refresh") {
+            self.rate_limit(id.as_ref()).await?;
+            if self.refused_in_a_row > 0 {
+                return Ok(());
+            }
+        }
         let result = match kind {
             "ping" => {
                 let mut pong = json!({"type": "pong"});
@@ -366,6 +387,34 @@ impl WsConnection {
             ),
         };
         self.send_error(id.as_ref(), &result).await
+    }
+
+    /// Takes one unit of this connection's allowance for `subscribe`/`refresh`. A refusal is
+    /// an `error` (code `rate_limited`); [`REFUSALS_BEFORE_CLOSE`] in a row close the socket.
+    async fn rate_limit(&mut self, id: Option<&Value>) -> Step {
+        let rate = self.state.config.rate_limit_ws_subscribe;
+        let limiter = self
+            .limiter
+            .get_or_insert_with(|| Box::new(DirectLimiter::new(rate)));
+        let Err(retry) = limiter.check() else {
+            self.refused_in_a_row = 0;
+            return Ok(());
+        };
+        self.refused_in_a_row += 1;
+        let refused = &self.state.admission.refused.ws_message_rate;
+        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.refused_in_a_row >= REFUSALS_BEFORE_CLOSE {
+            return Err(Ending::close(
+                code::POLICY,
+                "rate limit exceeded",
+                "rate_limited",
+            ));
+        }
+        let error = ApiError::RateLimited {
+            limit: "subscribe",
+            retry,
+        };
+        self.send_error(id, &error).await
     }
 
     async fn subscribe(

@@ -2,11 +2,12 @@
 //! publisher (in-memory broker) on ephemeral ports, checked through the generator's own
 //! figures.
 
-use std::{net::SocketAddr, path::Path, process::Command};
+use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use eventgate_broker::{
     Broker, BrokerConfig,
     auth::{AuthConfig, Verifier},
+    limits::Rate,
 };
 use eventgate_gateway::GatewayConfig;
 use eventgate_publisher::{PublisherAuth, PublisherConfig};
@@ -33,16 +34,24 @@ async fn start() -> Stack {
         publisher: publisher.local_addr().expect("addr"),
         shutdown: shutdown.clone(),
     };
+    // One user on one address opening many streams at once: limits that never refuse it.
+    let unlimited = Rate::new(1_000_000, Duration::from_secs(1), 1_000_000);
     let auth = AuthConfig {
         jwt_secret: Some(SECRET.into()),
         ..AuthConfig::default()
     };
     let publisher_config = PublisherConfig {
         publisher_api_keys: vec![KEY.into()],
+        rate_limit_publish: unlimited,
         ..PublisherConfig::default()
     };
     tokio::spawn(eventgate_gateway::run(
-        GatewayConfig::default(),
+        GatewayConfig {
+            rate_limit_connect: unlimited,
+            max_connections_per_ip: 0,
+            max_connections_per_user: 0,
+            ..GatewayConfig::default()
+        },
         broker.clone(),
         Verifier::new(&auth).expect("verifier"),
         gateway,

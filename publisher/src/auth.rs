@@ -1,12 +1,16 @@
 //! Who may publish: API keys, each optionally limited to channel patterns; and minting
 //! subscriber tokens for backends (`POST /v1/tokens`).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
     Json,
     body::Bytes,
-    extract::{Request, State, rejection::BytesRejection},
+    extract::{ConnectInfo, Request, State, rejection::BytesRejection},
     http::{HeaderMap, header},
     middleware::Next,
     response::Response,
@@ -15,6 +19,7 @@ use eventgate_broker::{
     Channel,
     auth::{AuthConfig, AuthSetupError, Minter, Pattern, expand_defaults},
     event::format_timestamp,
+    limits::{Cleanup, Limiter},
 };
 use serde::Deserialize;
 use serde_json::json;
@@ -91,14 +96,14 @@ impl ApiKeys {
         Ok(Self { keys })
     }
 
-    /// The scope of `presented`, if it is one of the keys.
-    pub fn scope_of(&self, presented: &str) -> Option<KeyScope> {
+    /// Which key `presented` is (its index, for per-key limits) and its scope.
+    pub fn find(&self, presented: &str) -> Option<(usize, KeyScope)> {
         let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
         // Every key is compared, matched or not, so the time taken says nothing.
-        for (key, scope) in &self.keys {
+        for (index, (key, scope)) in self.keys.iter().enumerate() {
             if bool::from(key.ct_eq(&digest)) {
-                found = Some(scope.clone());
+                found = Some((index, scope.clone()));
             }
         }
         found
@@ -150,18 +155,71 @@ impl PublisherAuth {
 }
 
 /// Middleware: every request needs `Authorization: Bearer <key>`; its scope goes into the
-/// request's extensions.
+/// request's extensions. A valid key spends its own allowance (`RATE_LIMIT_PUBLISH`); a
+/// request without one spends its client IP's (`RATE_LIMIT_UNAUTHENTICATED`) before it is
+/// refused, so guessing keys is slow and costs nothing.
 pub async fn require_key(
     State(state): State<Arc<PublisherState>>,
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let scope = key_scope(&state, request.headers())?;
-    request.extensions_mut().insert(scope);
-    Ok(next.run(request).await)
+    match key_scope(&state, request.headers()) {
+        Ok((index, scope)) => {
+            state
+                .limits
+                .per_key
+                .check(&index)
+                .map_err(|retry| ApiError::RateLimited {
+                    per: "for this API key",
+                    retry,
+                })?;
+            request.extensions_mut().insert(scope);
+            Ok(next.run(request).await)
+        }
+        Err(unauthorized) => {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0.ip());
+            if let Some(peer) = peer {
+                let client = state
+                    .config
+                    .trusted_proxies
+                    .client_ip(peer, request.headers());
+                state
+                    .limits
+                    .unauthenticated
+                    .check(&client)
+                    .map_err(|retry| ApiError::RateLimited {
+                        per: "without a valid API key from this address",
+                        retry,
+                    })?;
+            }
+            Err(unauthorized)
+        }
+    }
 }
 
-fn key_scope(state: &PublisherState, headers: &HeaderMap) -> Result<KeyScope, ApiError> {
+/// The publisher's rate limiters.
+pub struct PublisherLimits {
+    pub per_key: Arc<Limiter<usize>>,
+    pub unauthenticated: Arc<Limiter<IpAddr>>,
+}
+
+impl PublisherLimits {
+    pub fn new(config: &PublisherConfig) -> Self {
+        Self {
+            per_key: Arc::new(Limiter::new(config.rate_limit_publish)),
+            unauthenticated: Arc::new(Limiter::new(config.rate_limit_unauthenticated)),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<dyn Cleanup>> {
+        vec![self.per_key.clone(), self.unauthenticated.clone()]
+    }
+}
+
+fn key_scope(state: &PublisherState, headers: &HeaderMap) -> Result<(usize, KeyScope), ApiError> {
     let Some(value) = headers.get(header::AUTHORIZATION) else {
         return Err(ApiError::Unauthorized {
             code: "missing_credential",
@@ -178,7 +236,7 @@ fn key_scope(state: &PublisherState, headers: &HeaderMap) -> Result<KeyScope, Ap
             code: "invalid_credential",
             message: "the Authorization header must be `Bearer <key>`",
         })?;
-    state.auth.keys.scope_of(key).ok_or(ApiError::Unauthorized {
+    state.auth.keys.find(key).ok_or(ApiError::Unauthorized {
         code: "invalid_key",
         message: "the API key is not valid",
     })
@@ -294,16 +352,17 @@ mod tests {
             "padded-base64-key-AA==",
         ])
         .unwrap();
-        assert_eq!(keys.scope_of("k-everything-0123456"), Some(KeyScope(None)));
-        let scoped = keys.scope_of("k-orders-0123456789").unwrap();
+        assert_eq!(keys.find("k-everything-0123456"), Some((0, KeyScope(None))));
+        let (index, scoped) = keys.find("k-orders-0123456789").unwrap();
+        assert_eq!(index, 1);
         assert!(scoped.allows(&Channel::parse("invoice:7").unwrap()));
         assert!(!scoped.allows(&Channel::parse("payments").unwrap()));
         assert_eq!(
-            keys.scope_of("padded-base64-key-AA=="),
-            Some(KeyScope(None))
+            keys.find("padded-base64-key-AA=="),
+            Some((2, KeyScope(None)))
         );
-        assert_eq!(keys.scope_of("k-orders-0123456789=orders|invoice:*"), None);
-        assert_eq!(keys.scope_of("nope"), None);
+        assert_eq!(keys.find("k-orders-0123456789=orders|invoice:*"), None);
+        assert_eq!(keys.find("nope"), None);
     }
 
     #[test]

@@ -2,7 +2,10 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
-use eventgate_broker::config::parse_duration_at_most;
+use eventgate_broker::{
+    config::{parse_duration, parse_duration_at_most},
+    limits::{Rate, TrustedProxies},
+};
 
 /// Publisher settings. Every field is an environment variable and a command-line flag.
 #[derive(clap::Args, Clone)]
@@ -52,6 +55,32 @@ pub struct PublisherConfig {
 
     /// After SIGTERM, in-flight requests may finish for this long (`SHUTDOWN_TIMEOUT`, set by
     /// the binary for both services).
+    /// `TRUSTED_PROXIES` (see [`eventgate_broker::limits::EdgeConfig`], shared with the gateway).
+    #[arg(skip = TrustedProxies::default())]
+    pub trusted_proxies: TrustedProxies,
+
+    /// Requests per API key (`5000/s,burst=10000`; `off`): a runaway backend cannot starve
+    /// the others of Redis.
+    #[arg(long, env = "RATE_LIMIT_PUBLISH", default_value = "5000/s,burst=10000")]
+    pub rate_limit_publish: Rate,
+
+    /// Requests without a valid API key, per client IP: key guessing and misconfigured
+    /// clients are slowed down before they cost anything.
+    #[arg(
+        long,
+        env = "RATE_LIMIT_UNAUTHENTICATED",
+        default_value = "5/s,burst=20"
+    )]
+    pub rate_limit_unauthenticated: Rate,
+
+    /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_broker::limits::EdgeConfig`]).
+    #[arg(skip = Duration::from_secs(10))]
+    pub request_header_timeout: Duration,
+
+    /// A request body must arrive within this.
+    #[arg(long, env = "REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_body_timeout: Duration,
+
     #[arg(skip = Duration::from_secs(10))]
     pub shutdown_timeout: Duration,
 }
@@ -68,6 +97,11 @@ impl Default for PublisherConfig {
             publisher_api_keys_file: None,
             token_max_ttl: Duration::from_secs(24 * 3600),
             shutdown_timeout: Duration::from_secs(10),
+            trusted_proxies: TrustedProxies::default(),
+            rate_limit_publish: Rate::new(5000, Duration::from_secs(1), 10_000),
+            rate_limit_unauthenticated: Rate::new(5, Duration::from_secs(1), 20),
+            request_header_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -87,6 +121,14 @@ impl fmt::Debug for PublisherConfig {
             )
             .field("publisher_api_keys_file", &self.publisher_api_keys_file)
             .field("token_max_ttl", &self.token_max_ttl)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("rate_limit_publish", &self.rate_limit_publish)
+            .field(
+                "rate_limit_unauthenticated",
+                &self.rate_limit_unauthenticated,
+            )
+            .field("request_header_timeout", &self.request_header_timeout)
+            .field("request_body_timeout", &self.request_body_timeout)
             .finish()
     }
 }

@@ -5,7 +5,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use eventgate_broker::BrokerError;
+use eventgate_broker::{BrokerError, limits::RetryAfter};
 use serde_json::json;
 
 /// An error answered to a publishing backend. Nothing of a request that fails is published.
@@ -38,6 +38,15 @@ pub enum ApiError {
     /// A bug; the detail goes to the log only.
     #[error("internal error")]
     Internal(String),
+    /// A rate limit refused the request (429); nothing was published.
+    #[error("too many requests {per}; nothing was published, retry after {} s", retry.seconds())]
+    RateLimited {
+        per: &'static str,
+        retry: RetryAfter,
+    },
+    /// The body did not arrive within `REQUEST_BODY_TIMEOUT`.
+    #[error("the request body did not arrive in time; nothing was published")]
+    BodyTimeout,
     /// Redis is unreachable or too slow; nothing was published, retry.
     #[error("event broker unavailable; nothing was published, retry")]
     Unavailable(#[source] BrokerError),
@@ -65,6 +74,8 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::MintingDisabled => (StatusCode::NOT_IMPLEMENTED, "minting_disabled"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
         }
     }
 }
@@ -86,11 +97,16 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        let retry_after = match &self {
+            ApiError::RateLimited { retry, .. } => Some(retry.seconds()),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
         let mut response = (status, body).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

@@ -11,7 +11,7 @@ use std::{io, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, Request, State},
+    extract::{ConnectInfo, DefaultBodyLimit, Request, State},
     http::{StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
@@ -21,7 +21,15 @@ use eventgate_broker::{
     Broker,
     redact::{log_response, request_span},
 };
-use tower_http::{sensitive_headers::SetSensitiveRequestHeadersLayer, trace::TraceLayer};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    server::graceful::GracefulShutdown,
+    service::TowerToHyperService,
+};
+use tower_http::{
+    sensitive_headers::SetSensitiveRequestHeadersLayer, timeout::RequestBodyTimeoutLayer,
+    trace::TraceLayer,
+};
 
 pub use auth::PublisherAuth;
 use serde_json::json;
@@ -37,6 +45,7 @@ pub struct PublisherState {
     pub config: PublisherConfig,
     pub broker: Broker,
     pub auth: PublisherAuth,
+    pub limits: auth::PublisherLimits,
     pub shutdown: CancellationToken,
 }
 
@@ -57,6 +66,10 @@ pub fn app(state: Arc<PublisherState>) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(body_limit))
+        // A body that trickles in fails the read (answered 408) instead of holding the socket.
+        .layer(RequestBodyTimeoutLayer::new(
+            state.config.request_body_timeout,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<_>| {
@@ -89,20 +102,63 @@ pub async fn run(
 ) -> io::Result<()> {
     let grace = config.shutdown_timeout;
     let state = Arc::new(PublisherState {
+        limits: auth::PublisherLimits::new(&config),
         config,
         broker,
         auth,
         shutdown: shutdown.clone(),
     });
-    let server = axum::serve(listener, app(state).into_make_service())
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    tokio::select! {
-        result = server => result,
-        _ = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(grace).await;
-        } => Ok(()),
+    tokio::spawn(eventgate_broker::limits::clean_periodically(
+        state.limits.all(),
+        Duration::from_secs(10),
+        shutdown.clone().cancelled_owned(),
+    ));
+    let header_timeout = state.config.request_header_timeout;
+    let router = app(state);
+    // hyper directly rather than `axum::serve`: it bounds how long a request head may take
+    // (slowloris), which `axum::serve` does not.
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = tower::ServiceBuilder::new()
+            .map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                request
+            })
+            .service(router.clone());
+        let connection =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
     }
+    drop(listener);
+    // In-flight requests finish; idle keep-alive connections close.
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?grace, "requests still in flight at the shutdown deadline");
+    }
+    Ok(())
 }
 
 async fn healthz() -> Json<serde_json::Value> {

@@ -17,6 +17,18 @@ use serde_json::value::RawValue;
 
 use crate::{PublisherConfig, PublisherState, auth::KeyScope, error::ApiError};
 
+/// Whether reading the body failed because `REQUEST_BODY_TIMEOUT` passed.
+fn timed_out(rejection: &BytesRejection) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = source {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// One event as a request gives it.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +78,7 @@ pub async fn publish(
 ) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
     check_content_type(&headers)?;
     let body = body.map_err(|rejection| match rejection.status() {
+        _ if timed_out(&rejection) => ApiError::BodyTimeout,
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
             code: "body_too_large",
             message: format!(

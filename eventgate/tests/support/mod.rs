@@ -10,6 +10,7 @@ use std::{future::Future, io, time::Duration};
 use eventgate_broker::{
     Broker, BrokerConfig,
     auth::{AuthConfig, Minter, Pattern, Verifier},
+    limits::Rate,
 };
 use eventgate_gateway::GatewayConfig;
 use eventgate_publisher::{PublisherAuth, PublisherConfig};
@@ -117,16 +118,29 @@ pub struct Options {
     pub persistent_redis: bool,
 }
 
+/// Limits on (their code runs in every test) but never reached by one test's clients, which
+/// all come from 127.0.0.1 as one user. The limits tests set their own.
+pub fn unlimited() -> Rate {
+    Rate::new(1_000_000, Duration::from_secs(1), 1_000_000)
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
             broker: BrokerConfig::memory(),
             gateway: GatewayConfig {
                 shutdown_timeout: Duration::from_secs(3),
+                rate_limit_connect: unlimited(),
+                rate_limit_tickets: unlimited(),
+                rate_limit_ws_subscribe: unlimited(),
+                max_connections_per_ip: 1_000_000,
+                max_connections_per_user: 1_000_000,
                 ..GatewayConfig::default()
             },
             publisher: PublisherConfig {
                 shutdown_timeout: Duration::from_secs(3),
+                rate_limit_publish: unlimited(),
+                rate_limit_unauthenticated: unlimited(),
                 publisher_api_keys: vec![TEST_PUBLISHER_KEY.into()],
                 ..PublisherConfig::default()
             },
