@@ -73,6 +73,8 @@ pub struct GatewayState {
     pub auth: auth::Authenticator,
     /// Rate limits and connection caps.
     pub admission: Arc<limits::Admission>,
+    /// The broker's position, read once for the clients starting together.
+    pub positions: session::PositionReads,
 }
 
 /// A started gateway: its state and the background tasks it owns.
@@ -136,6 +138,7 @@ impl Gateway {
             shutdown.clone().cancelled_owned(),
         ));
         let state = Arc::new(GatewayState {
+            positions: session::PositionReads::new(broker.clone()),
             admission,
             auth,
             broker_timeout: broker.timeout(),

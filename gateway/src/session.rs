@@ -125,7 +125,7 @@ impl GatewayState {
         let Position {
             epoch,
             seq: position,
-        } = self.broker.position().await?;
+        } = self.positions.read().await?;
         let start = match cursor {
             None => Start::Fresh,
             // Ahead of the counter, or from before the counter's epoch began (a Redis that lost
@@ -148,4 +148,78 @@ impl GatewayState {
         };
         Ok(Attached { position, start })
     }
+}
+
+/// Position reads shared by the clients that start at about the same time. A client may use
+/// any read that *began* after its channels went live, so arrivals join the next read that has
+/// not begun yet; one read is in flight at a time. A storm of resuming clients then costs
+/// Redis a handful of reads instead of one per client.
+pub struct PositionReads {
+    broker: eventgate_broker::Broker,
+    rounds: Arc<std::sync::Mutex<Rounds>>,
+}
+
+type Round = futures::future::Shared<
+    futures::future::BoxFuture<'static, Result<Position, Arc<eventgate_broker::BrokerError>>>,
+>;
+
+#[derive(Default)]
+struct Rounds {
+    /// The read new arrivals join: it has not begun.
+    open: Option<(u64, Round)>,
+    /// The read begun last (or about to be); the next one starts after it.
+    latest: Option<Round>,
+    next_id: u64,
+}
+
+impl PositionReads {
+    pub fn new(broker: eventgate_broker::Broker) -> Self {
+        Self {
+            broker,
+            rounds: Arc::default(),
+        }
+    }
+
+    /// The broker's position, read after this call began.
+    pub async fn read(&self) -> Result<Position, ApiError> {
+        let round = {
+            let mut rounds = lock(&self.rounds);
+            match &rounds.open {
+                Some((_, round)) => round.clone(),
+                None => {
+                    let id = rounds.next_id;
+                    rounds.next_id += 1;
+                    let previous = rounds.latest.take();
+                    let (broker, all) = (self.broker.clone(), self.rounds.clone());
+                    let round: Round = futures::FutureExt::shared(Box::pin(async move {
+                        if let Some(previous) = previous {
+                            let _ = previous.await;
+                        }
+                        // Closed before reading: whoever arrives from now on needs a later read.
+                        {
+                            let mut rounds = lock(&all);
+                            if rounds.open.as_ref().is_some_and(|(open, _)| *open == id) {
+                                rounds.open = None;
+                            }
+                        }
+                        broker.position().await.map_err(|e| {
+                            tracing::warn!(error = %e, "reading the broker position failed");
+                            Arc::new(e)
+                        })
+                    })
+                        as futures::future::BoxFuture<'static, _>);
+                    rounds.open = Some((id, round.clone()));
+                    rounds.latest = Some(round.clone());
+                    round
+                }
+            }
+        };
+        round.await.map_err(|_| ApiError::Unavailable(None))
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }

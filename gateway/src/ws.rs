@@ -257,6 +257,10 @@ impl WsConnection {
     async fn send_error(&mut self, id: Option<&Value>, error: &ApiError) -> Step {
         let mut reply =
             json!({"type": "error", "code": error.code(), "message": error.to_string()});
+        if let ApiError::RateLimited { retry, .. } = error {
+            // When the next one will be let through, to the millisecond.
+            reply["retry_after_ms"] = json!(retry.0.as_millis() as u64 + 1);
+        }
         with_id(&mut reply, id);
         self.send_json(reply).await
     }
