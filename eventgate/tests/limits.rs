@@ -432,6 +432,14 @@ async fn oversized_request_heads_get_clear_errors() {
     );
     let answer = raw_exchange(url, big.as_bytes()).await;
     assert_eq!(status_and_code(&answer), (431, "headers_too_large".into()));
+    // A long target on a keep-alive connection's second request.
+    let pipelined = format!(
+        "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\nGET /v1/stats?x={long_channel} HTTP/1.1\r\n\
+         host: x\r\nconnection: close\r\n\r\n"
+    );
+    let answer = raw_exchange(url, pipelined.as_bytes()).await;
+    let second = &answer[answer.rfind("HTTP/1.1 ").expect("two answers")..];
+    assert_eq!(status_and_code(second), (414, "uri_too_long".into()));
     let many: String = (0..150).map(|i| format!("x-h{i}: v\r\n")).collect();
     let request = format!("GET /v1/events?channel=c HTTP/1.1\r\nhost: x\r\n{many}\r\n");
     let answer = raw_exchange(url, request.as_bytes()).await;
@@ -443,8 +451,10 @@ async fn a_request_head_that_never_finishes_is_dropped() {
     let stack = memory_stack(|o| {
         o.gateway.request_header_timeout = Duration::from_millis(500);
         o.publisher.request_header_timeout = Duration::from_millis(500);
+        o.publisher.request_body_timeout = Duration::from_millis(500);
     })
     .await;
+    let before = stack.publish_one("c", json!(0)).await;
     // A slowloris client: a head started, never finished.
     let partial = b"GET /v1/events?channel=c HTTP/1.1\r\nhost: x\r\n";
     let answer = raw_exchange(&stack.gateways[0].url, partial).await;
@@ -454,8 +464,16 @@ async fn a_request_head_that_never_finishes_is_dropped() {
     let started = std::time::Instant::now();
     raw_exchange(&stack.publisher.url, partial).await;
     assert!(started.elapsed() < SOON);
-    // A normal request still works.
-    stack.publish_one("c", json!(1)).await;
+    // A body that never arrives is answered 408 and nothing is published.
+    let slow_body = format!(
+        "POST /v1/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TEST_PUBLISHER_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"chan"
+    );
+    let answer = raw_exchange(&stack.publisher.url, slow_body.as_bytes()).await;
+    assert_eq!(status_and_code(&answer), (408, "request_timeout".into()));
+    // A normal request still works, and the refused ones published nothing (ids are dense).
+    let id = stack.publish_one("c", json!(1)).await;
+    assert_eq!(id, before + 1);
 }
 
 /// A minimal SSE reader for the storm: resumes from `last_id`, reads until it has `want`

@@ -30,6 +30,7 @@ use axum::{
     Json, Router,
     extract::{Request, State},
     http::{HeaderName, Method, StatusCode, header},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -230,6 +231,10 @@ pub fn app(state: Arc<GatewayState>) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .merge(browser)
         .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            check_uri_length,
+        ))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<_>| {
@@ -293,6 +298,24 @@ fn tickets_rate_limit(
             limits::governor_error("ticket")(error)
         },
     ))
+}
+
+/// `MAX_URL_BYTES` for requests after the first on a keep-alive connection (the server checks
+/// every first request before routing).
+async fn check_uri_length(
+    State(state): State<Arc<GatewayState>>,
+    request: Request,
+    next: middleware::Next,
+) -> Response {
+    let max = state.config.max_url_bytes as usize;
+    let length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if length > max {
+        return ApiError::UriTooLong(max).into_response();
+    }
+    next.run(request).await
 }
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
