@@ -71,6 +71,11 @@ enum Command {
     },
     /// Run both in one process; in memory unless REDIS_URL is set (the default command).
     Standalone(StandaloneArgs),
+    /// Exit 0 when URL answers 200 within 3 s: the container HEALTHCHECK (the image has no curl).
+    Health {
+        #[arg(default_value = "http://127.0.0.1:8080/healthz")]
+        url: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -138,6 +143,7 @@ fn main() -> ExitCode {
             args.publisher.trusted_proxies = args.edge.trusted_proxies.clone();
             args.publisher.request_header_timeout = args.edge.request_header_timeout;
         }
+        Command::Health { .. } => {}
     }
     match runtime.block_on(run(command)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +175,46 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// `eventgate health URL`: one GET over HTTP/1.1.
+async fn health(url: &str) -> Result<(), Failure> {
+    let fail = |e: String| {
+        Failure(
+            EX_UNAVAILABLE,
+            anyhow::anyhow!("health check of {url}: {e}"),
+        )
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| fail(format!("{e}")))?;
+    let authority = uri
+        .authority()
+        .ok_or_else(|| fail("the URL needs a host and port".into()))?
+        .clone();
+    let check = async {
+        let stream = tokio::net::TcpStream::connect(authority.as_str())
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(uri.path())
+            .header(hyper::header::HOST, authority.as_str())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .map_err(|e| fail(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        match response.status() {
+            hyper::StatusCode::OK => Ok(()),
+            status => Err(fail(format!("answered {status}"))),
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(3), check)
+        .await
+        .map_err(|_| fail("no answer within 3 s".into()))?
+}
+
 /// An error with the exit status it maps to.
 struct Failure(u8, anyhow::Error);
 
@@ -176,6 +222,7 @@ async fn run(command: Command) -> Result<(), Failure> {
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     match command {
+        Command::Health { url } => health(&url).await,
         Command::Gateway {
             broker,
             gateway,
