@@ -379,6 +379,18 @@ fn docker_compose_runs_redis_a_publisher_three_gateways_and_nginx() {
         assert_eq!(nginx["depends_on"][gateway]["condition"], "service_healthy");
     }
     let config = std::fs::read_to_string(repo().join(source)).expect("nginx config");
+    // nginx does not inherit proxy_set_header into a location that sets any: every proxied
+    // location must set X-Forwarded-For itself, or clients choose their own rate-limit key.
+    for block in config.split("\n    location ").skip(1) {
+        let block = &block[..block.find("\n    }").expect("end of location")];
+        if block.contains("proxy_pass") {
+            let sets = |directive: &str| block.lines().any(|l| l.trim() == directive);
+            assert!(
+                sets("proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"),
+                "location {block}"
+            );
+        }
+    }
     for gateway in ["gateway-1", "gateway-2", "gateway-3"] {
         assert!(
             config.contains(&format!("server {gateway}:8080")),

@@ -84,6 +84,32 @@ impl WsClient {
         }
     }
 
+    /// Connects from `source` (a 127.0.0.x address, so each client has its own IP) with the
+    /// test token; `None` when the handshake fails.
+    pub async fn connect_from(source: std::net::IpAddr, url: &str) -> Option<Self> {
+        let mut request = url.into_client_request().expect("request");
+        let bearer = format!("Bearer {}", super::test_token());
+        request
+            .headers_mut()
+            .insert("authorization", bearer.parse().expect("header"));
+        let host = request.uri().authority().expect("host").as_str().to_owned();
+        let addr: std::net::SocketAddr = host.parse().expect("ip:port");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind((source, 0).into())
+            .expect("bind the source address");
+        let tcp = socket.connect(addr).await.ok()?;
+        let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp))
+            .await
+            .ok()?;
+        let mut client = Self {
+            stream,
+            hello: Value::Null,
+        };
+        client.hello = client.next_json(super::SOON).await.ok()?;
+        Some(client)
+    }
+
     pub async fn send(&mut self, message: Value) {
         self.send_raw(Message::Text(message.to_string().into()))
             .await;
