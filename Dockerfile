@@ -3,7 +3,8 @@
 #   docker build -t eventgate .
 #   docker run --rm -p 8080:8080 -p 8081:8081 eventgate
 
-FROM rust:1.88-bookworm AS build
+# The toolchain the test suite runs on.
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
