@@ -222,6 +222,19 @@ fn every_kubernetes_overlay_renders_and_agrees_with_the_binary() {
                 grace > pre_stop + shutdown,
                 "{deployment}: {grace} <= {pre_stop} + {shutdown}"
             );
+            // Scraped on the port the binary serves /metrics on.
+            let annotations = str_map(
+                &kind_named(&docs, "Deployment", deployment)["spec"]["template"]["metadata"]["annotations"],
+            );
+            assert_eq!(
+                annotations["prometheus.io/port"],
+                port.to_string(),
+                "{deployment}"
+            );
+            assert_eq!(
+                annotations["prometheus.io/path"], "/metrics",
+                "{deployment}"
+            );
             assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
             assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
             assert_eq!(
@@ -440,7 +453,7 @@ async fn probe_paths_answer_and_the_health_command_uses_them() {
         .expect("standalone");
     let http = reqwest::Client::new();
     for addr in [&gateway_addr, &publisher_addr] {
-        for path in ["/healthz", "/readyz"] {
+        for path in ["/healthz", "/readyz", "/metrics"] {
             let url = format!("http://{addr}{path}");
             let up = wait_until(SOON, || async {
                 http.get(&url).send().await.is_ok_and(|r| r.status() == 200)

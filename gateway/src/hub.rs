@@ -75,6 +75,8 @@ pub struct ClientQueue {
 struct QueueState {
     items: VecDeque<Delivery>,
     closed: Option<CloseReason>,
+    /// Events discarded when the queue closed (the client gets them on resume).
+    dropped_events: u64,
 }
 
 impl ClientQueue {
@@ -83,6 +85,7 @@ impl ClientQueue {
             state: Mutex::new(QueueState {
                 items: VecDeque::new(),
                 closed,
+                dropped_events: 0,
             }),
             waker: AtomicWaker::new(),
             capacity,
@@ -100,6 +103,7 @@ impl ClientQueue {
             return false;
         }
         if state.items.len() >= self.capacity {
+            state.dropped_events += u64::from(matches!(item, Delivery::Event(_)));
             drop(state);
             self.close(CloseReason::Slow);
             return false;
@@ -120,9 +124,18 @@ impl ClientQueue {
             state.closed = Some(reason);
         }
         let dropped = std::mem::take(&mut state.items);
+        state.dropped_events += dropped
+            .iter()
+            .filter(|d| matches!(d, Delivery::Event(_)))
+            .count() as u64;
         drop(state);
         drop(dropped);
         self.waker.wake();
+    }
+
+    /// Events discarded because the queue closed.
+    pub fn dropped_events(&self) -> u64 {
+        self.lock().dropped_events
     }
 
     /// Moves every queued delivery into `out` (which must be empty), or says why the queue
@@ -151,17 +164,25 @@ impl ClientQueue {
     }
 }
 
-/// Replica-wide counters for `/v1/stats`.
+/// Replica-wide counters for `/v1/stats` and `/metrics`.
 #[derive(Debug, Default)]
 pub struct Stats {
     pub connections_sse: AtomicU64,
     pub connections_ws: AtomicU64,
     pub connections_total: AtomicU64,
+    pub connects_sse: AtomicU64,
+    pub connects_ws: AtomicU64,
+    /// Streams ended, by [`crate::metrics::EndReason`].
+    pub disconnects: [AtomicU64; crate::metrics::EndReason::COUNT],
+    /// Publish to fan-out on this replica, from the event's timestamp.
+    pub delivery_latency: crate::metrics::LatencyHistogram,
     pub events_received: AtomicU64,
     pub events_delivered: AtomicU64,
     pub events_replayed: AtomicU64,
     pub events_backfilled: AtomicU64,
     pub slow_clients_dropped: AtomicU64,
+    /// Events discarded with slow clients' queues.
+    pub events_dropped: AtomicU64,
     pub resets_sent: AtomicU64,
     pub live_reconnects: AtomicU64,
     pub malformed_messages: AtomicU64,
@@ -345,9 +366,10 @@ impl Hub {
 
     fn drop_slow(&self, state: &mut HubState, slow: Vec<u64>) {
         for client in slow {
-            if state.clients.contains_key(&client) {
+            if let Some(entry) = state.clients.get(&client) {
                 tracing::info!(client, reason = "slow", "client queue full, disconnecting");
                 Stats::add(&self.stats.slow_clients_dropped, 1);
+                Stats::add(&self.stats.events_dropped, entry.queue.dropped_events());
                 self.remove_locked(state, client);
             }
         }
@@ -441,6 +463,8 @@ mod tests {
         assert_eq!(slow.recv(&mut batch).await, Err(CloseReason::Slow));
         assert!(batch.is_empty());
         assert_eq!(hub.stats.slow_clients_dropped.load(Ordering::Relaxed), 1);
+        // Two events queued and the third refused: all three dropped with the queue.
+        assert_eq!(hub.stats.events_dropped.load(Ordering::Relaxed), 3);
         assert!(
             hub.has_subscribers(&orders),
             "the fast client still wants the channel"

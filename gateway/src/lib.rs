@@ -14,6 +14,7 @@ pub mod frame;
 pub mod hub;
 pub mod limits;
 pub mod live;
+pub mod metrics;
 pub mod replay;
 pub mod server;
 pub mod session;
@@ -223,8 +224,16 @@ pub fn app(state: Arc<GatewayState>) -> Router {
             .max_age(Duration::from_secs(600));
         browser = browser.layer(cors);
     }
+    let registry = Arc::new(metrics::registry(&state));
     Router::new()
         .route("/v1/ws", get(ws::upgrade))
+        .route(
+            "/metrics",
+            get(move || {
+                let registry = registry.clone();
+                async move { metrics::render(&registry) }
+            }),
+        )
         .route("/v1/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -362,6 +371,7 @@ async fn stats(State(state): State<Arc<GatewayState>>) -> Json<serde_json::Value
         "events_replayed": get(&s.events_replayed),
         "events_backfilled": get(&s.events_backfilled),
         "slow_clients_dropped": get(&s.slow_clients_dropped),
+        "events_dropped": get(&s.events_dropped),
         "resets_sent": get(&s.resets_sent),
         "live_reconnects": get(&s.live_reconnects),
         "malformed_messages": get(&s.malformed_messages),

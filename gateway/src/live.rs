@@ -375,6 +375,7 @@ impl LiveTask {
                 if event.seq > watermark.seq {
                     watermark.seq = event.seq;
                     Stats::add(&self.stats.events_received, 1);
+                    self.stats.delivery_latency.observe_body(&event.body);
                     self.dispatch(event);
                 }
             }

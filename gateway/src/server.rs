@@ -282,17 +282,25 @@ async fn native_sse(
     loop {
         tokio::select! {
             chunk = std::future::poll_fn(|cx| body.poll_chunk(cx)) => match chunk {
-                Some(data) => write_chunk(&mut writer, &data, timeout).await?,
+                Some(data) => {
+                    if let Err(e) = write_chunk(&mut writer, &data, timeout).await {
+                        body.ended_by("write_error");
+                        return Err(e);
+                    }
+                }
                 None => {
                     write_with_timeout(&mut writer, b"0\r\n\r\n", timeout).await?;
                     return Ok(());
                 }
             },
             // The client sends nothing more; a read returning means it closed (or misbehaves).
-            read = reader.read(&mut scratch) => {
-                if matches!(read, Ok(0) | Err(_)) {
+            read = reader.read(&mut scratch) => match read {
+                Ok(0) => return Ok(()),
+                Err(_) => {
+                    body.ended_by("read_error");
                     return Ok(());
                 }
+                Ok(_) => {}
             }
         }
     }

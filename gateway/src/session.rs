@@ -33,6 +33,13 @@ impl Transport {
         }
     }
 
+    fn connect_counter(self, stats: &Stats) -> &AtomicU64 {
+        match self {
+            Transport::Sse => &stats.connects_sse,
+            Transport::WebSocket => &stats.connects_ws,
+        }
+    }
+
     fn open_counter(self, stats: &Stats) -> &AtomicU64 {
         match self {
             Transport::Sse => &stats.connections_sse,
@@ -90,6 +97,7 @@ impl GatewayState {
         let (client, queue) = self.hub.register();
         Stats::add(transport.open_counter(&self.stats), 1);
         Stats::add(&self.stats.connections_total, 1);
+        Stats::add(transport.connect_counter(&self.stats), 1);
         Ok(Session {
             client,
             queue,

@@ -30,6 +30,7 @@ use crate::{
     error::ApiError,
     frame::{sse_position, sse_reset},
     hub::{CloseReason, Delivery, Stats},
+    metrics::EndReason,
     replay::{Replay, ReplayItem},
     session::{Attached, Session, Start, Transport},
 };
@@ -487,6 +488,13 @@ impl SseBody {
         self.finished = true;
         self.end = end;
     }
+
+    /// Why the connection ended, when the server saw it first (a write that failed).
+    pub(crate) fn ended_by(&mut self, end: &'static str) {
+        if !self.finished {
+            self.end = end;
+        }
+    }
 }
 
 impl http_body::Body for SseBody {
@@ -510,6 +518,7 @@ impl http_body::Body for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         Stats::add(&self.stats.events_delivered, self.uncounted);
+        EndReason::count(&self.stats, self.end);
         tracing::info!(
             client = self.session.client,
             transport = "sse",

@@ -187,6 +187,7 @@ impl WsConnection {
             .await;
         }
         Stats::add(&self.state.stats.events_delivered, self.uncounted);
+        crate::metrics::EndReason::count(&self.state.stats, ending.why);
         tracing::info!(
             client = self.session.client,
             connection_id = %self.id,

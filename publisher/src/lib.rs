@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod publish;
 
 use std::{io, sync::Arc, time::Duration};
@@ -46,6 +47,7 @@ pub struct PublisherState {
     pub broker: Broker,
     pub auth: PublisherAuth,
     pub limits: auth::PublisherLimits,
+    pub metrics: metrics::PublisherMetrics,
     pub shutdown: CancellationToken,
 }
 
@@ -63,8 +65,13 @@ pub fn app(state: Arc<PublisherState>) -> Router {
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         // A body that trickles in fails the read (answered 408) instead of holding the socket.
         .layer(RequestBodyTimeoutLayer::new(
@@ -103,6 +110,7 @@ pub async fn run(
     let grace = config.shutdown_timeout;
     let state = Arc::new(PublisherState {
         limits: auth::PublisherLimits::new(&config),
+        metrics: metrics::PublisherMetrics::default(),
         config,
         broker,
         auth,

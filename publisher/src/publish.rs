@@ -96,7 +96,10 @@ pub async fn publish(
             entry.channel
         )));
     }
-    let seqs = state.broker.publish(&entries).await?;
+    let seqs = state.broker.publish(&entries).await.inspect_err(|_| {
+        state.metrics.broker_errors.inc();
+    })?;
+    state.metrics.events_published.inc_by(seqs.len() as u64);
     let published = entries
         .into_iter()
         .zip(seqs)
