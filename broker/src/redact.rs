@@ -35,7 +35,27 @@ pub fn redact_uri(uri: &str) -> Cow<'_, str> {
 /// The span of one HTTP request: method and path, credentials redacted. Both services' request
 /// logs use it, so a log line never carries a token or ticket from a URL.
 pub fn request_span(method: &str, uri: &str) -> tracing::Span {
-    tracing::info_span!("request", method, uri = %redact_uri(uri))
+    tracing::info_span!(
+        "request",
+        method,
+        uri = %redact_uri(uri),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    )
+}
+
+/// [`request_span`] joined to the caller's trace (`traceparent`), with its trace and span ids
+/// recorded so JSON log lines inside it carry them.
+pub fn traced_request_span(method: &str, uri: &str, headers: &http::HeaderMap) -> tracing::Span {
+    let span = request_span(method, uri);
+    if !span.is_disabled() {
+        crate::telemetry::continue_from_headers(&span, headers);
+        if let Some((trace_id, span_id)) = crate::telemetry::ids(&span) {
+            span.record("trace_id", trace_id);
+            span.record("span_id", span_id);
+        }
+    }
+    span
 }
 
 /// Logs a finished request: refusals (4xx, 5xx) at `info`, the rest at `debug` (a publisher

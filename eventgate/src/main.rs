@@ -8,9 +8,11 @@ use eventgate_broker::{
     Broker, BrokerConfig,
     auth::{AuthConfig, AuthSetupError, Minter, Pattern, Verifier, new_secret},
     limits::EdgeConfig,
+    telemetry,
 };
 use eventgate_gateway::GatewayConfig;
 use eventgate_publisher::{PublisherAuth, PublisherConfig};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -109,7 +111,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logging(cli.log_format);
+    let service = match &cli.command {
+        Some(Command::Gateway { .. }) => Some("eventgate-gateway"),
+        Some(Command::Publisher { .. }) => Some("eventgate-publisher"),
+        Some(Command::Health { .. }) => None,
+        Some(Command::Standalone(_)) | None => Some("eventgate"),
+    };
+    let tracer = init_logging(cli.log_format, service);
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -145,7 +153,15 @@ fn main() -> ExitCode {
         }
         Command::Health { .. } => {}
     }
-    match runtime.block_on(run(command)) {
+    let result = runtime.block_on(run(command));
+    drop(runtime);
+    // Send the spans still buffered.
+    if let Some(tracer) = tracer
+        && let Err(e) = tracer.shutdown()
+    {
+        eprintln!("eventgate: flushing traces: {e}");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(code, e)) => {
             eprintln!("eventgate: {e:#}");
@@ -163,16 +179,38 @@ fn raise_open_files_limit() {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr (`RUST_LOG` filters them), and traces over OTLP when `OTEL_*` asks for them
+/// (see `eventgate_broker::telemetry`). The two have their own filters: traces take eventgate's
+/// `debug` spans whatever `RUST_LOG` says.
+fn init_logging(format: LogFormat, service: Option<&str>) -> Option<SdkTracerProvider> {
+    use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // JSON lines carry the fields of the span they are in: trace_id and span_id of a traced
+    // request among them.
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .boxed(),
+    };
+    let (provider, failed) = match service.map(telemetry::provider_from_env) {
+        Some(Ok(provider)) => (provider, None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(provider.as_ref().map(telemetry::layer))
+        .init();
+    if let Some(e) = failed {
+        tracing::warn!(error = %e, "traces are off: cannot build the OTLP exporter");
     }
+    provider
 }
 
 /// `eventgate health URL`: one GET over HTTP/1.1.

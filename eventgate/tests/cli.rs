@@ -549,3 +549,56 @@ async fn no_credential_reaches_the_logs() {
         "URLs are logged with credentials redacted:\n{everything}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_log_lines_carry_the_callers_trace_when_tracing_is_on() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    // Nothing listens there: spans are dropped, logs are what this test reads.
+    let otlp = format!("http://127.0.0.1:{}", free_port());
+    let env = [
+        ("REDIS_URL", url.as_str()),
+        ("LOG_FORMAT", "json"),
+        ("RUST_LOG", "info"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.as_str()),
+        ("PUBLISHER_ADDR", "127.0.0.1:0"),
+        KEYS[0],
+        KEYS[1],
+    ];
+    let mut publisher = eventgate(&["publisher"], &env);
+    let publisher_url = listening_url(&mut publisher).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let refused = reqwest::Client::new()
+        .post(format!("{publisher_url}/v1/publish"))
+        .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+        .bearer_auth("not-the-key-0123456789")
+        .json(&serde_json::json!({"channel": "a", "data": 1}))
+        .send()
+        .await
+        .expect("publish");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let stderr = publisher.stderr.as_mut().expect("stderr");
+    let mut reader = BufReader::new(stderr);
+    let line = tokio::time::timeout(SOON, async {
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.expect("read") == 0 {
+                return None;
+            }
+            if line.contains("request refused") {
+                return Some(line);
+            }
+        }
+    })
+    .await
+    .expect("a log line in time")
+    .expect("the refusal is logged");
+    let json: serde_json::Value = serde_json::from_str(&line).expect("one JSON object per line");
+    assert_eq!(json["span"]["trace_id"], trace, "{line}");
+    assert_eq!(
+        json["span"]["span_id"].as_str().map(str::len),
+        Some(16),
+        "{line}"
+    );
+    assert!(!line.contains("not-the-key"), "{line}");
+}

@@ -38,7 +38,7 @@ use axum::{
 use eventgate_broker::{
     Broker,
     auth::Verifier,
-    redact::{log_response, request_span},
+    redact::{log_response, traced_request_span},
 };
 use serde_json::json;
 use tokio::{net::TcpListener, sync::mpsc, task::JoinSet};
@@ -248,7 +248,7 @@ pub fn app(state: Arc<GatewayState>) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request<_>| {
                     let uri = request.uri().path_and_query().map_or("/", |p| p.as_str());
-                    request_span(request.method().as_str(), uri)
+                    traced_request_span(request.method().as_str(), uri, request.headers())
                 })
                 .on_request(())
                 .on_response(

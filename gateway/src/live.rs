@@ -18,6 +18,7 @@ use std::{
 
 use eventgate_broker::{
     Broker, BrokerError, Channel, Event, GapReason, LiveMessage, LiveSink, LiveStream, Position,
+    telemetry,
 };
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::{
@@ -295,6 +296,23 @@ impl LiveTask {
     }
 
     fn dispatch(&self, event: Event) {
+        // A traced publish: this replica's fan-out joins its trace (sampled where it began).
+        let span = match telemetry::traceparent_in(&event.body) {
+            Some(traceparent) => {
+                let span = tracing::debug_span!(
+                    "deliver",
+                    channel = %event.channel,
+                    event_id = event.seq,
+                    replica = %self.settings.replica,
+                );
+                if !span.is_disabled() {
+                    telemetry::continue_from(&span, traceparent);
+                }
+                span
+            }
+            None => tracing::Span::none(),
+        };
+        let _entered = span.enter();
         let (seq, channel) = (event.seq, event.channel.clone());
         match Frame::build(event) {
             Ok(frame) => self.hub.dispatch(Arc::new(frame)),

@@ -140,13 +140,15 @@ impl GatewayState {
             // its data, another deployment): nothing can be said about what it missed.
             Some(cursor) if cursor > position || cursor < epoch => Start::Unknown,
             Some(cursor) => {
+                // The rest of the replay is read as the client takes it; this covers its start.
+                let span = tracing::debug_span!("replay", channels = channels.len(), cursor);
                 let mut replay = Replay::new(
                     self.history.clone(),
                     channels.iter().cloned(),
                     cursor,
                     position,
                 );
-                let first = replay.next().await?;
+                let first = tracing::Instrument::instrument(replay.next(), span).await?;
                 Start::Resume {
                     cursor,
                     replay: Box::new(replay),

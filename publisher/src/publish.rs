@@ -11,9 +11,11 @@ use axum::{
 use eventgate_broker::{
     Channel, Outgoing,
     event::{check_event_name, compact_json, encode_body, format_timestamp},
+    telemetry,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
+use tracing::Instrument;
 
 use crate::{PublisherConfig, PublisherState, auth::KeyScope, error::ApiError};
 
@@ -96,10 +98,34 @@ pub async fn publish(
             entry.channel
         )));
     }
-    let seqs = state.broker.publish(&entries).await.inspect_err(|_| {
-        state.metrics.broker_errors.inc();
-    })?;
+    // Traced publishes: a span for the request's events and one for the Redis step, whose
+    // context each event carries to the gateways (debug level: free unless tracing is on).
+    let span = tracing::debug_span!(
+        "publish",
+        events = entries.len(),
+        channel = tracing::field::Empty,
+        event_id = tracing::field::Empty,
+    );
+    let step = tracing::debug_span!(parent: &span, "broker.publish", events = entries.len());
+    let mut entries = entries;
+    if let Some(traceparent) = telemetry::traceparent(&step) {
+        for entry in &mut entries {
+            entry.body = telemetry::with_traceparent(&entry.body, &traceparent);
+        }
+    }
+    let seqs = state
+        .broker
+        .publish(&entries)
+        .instrument(step)
+        .await
+        .inspect_err(|_| {
+            state.metrics.broker_errors.inc();
+        })?;
     state.metrics.events_published.inc_by(seqs.len() as u64);
+    if let ([entry], [seq]) = (entries.as_slice(), seqs.as_slice()) {
+        span.record("channel", entry.channel.as_str());
+        span.record("event_id", seq);
+    }
     let published = entries
         .into_iter()
         .zip(seqs)
