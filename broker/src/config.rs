@@ -56,6 +56,11 @@ pub struct BrokerConfig {
     /// must agree on it.
     #[arg(long, env = "HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
     pub history_ttl: Duration,
+
+    /// How long a publish's `Idempotency-Key` is remembered: a retry within it returns the
+    /// original ids and publishes nothing.
+    #[arg(long, env = "IDEMPOTENCY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub idempotency_ttl: Duration,
 }
 
 impl BrokerConfig {
@@ -68,6 +73,7 @@ impl BrokerConfig {
             redis_pool_size: 4,
             history_max_len: 10_000,
             history_ttl: Duration::from_secs(24 * 3600),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -104,6 +110,7 @@ impl fmt::Debug for BrokerConfig {
             .field("redis_pool_size", &self.redis_pool_size)
             .field("history_max_len", &self.history_max_len)
             .field("history_ttl", &self.history_ttl)
+            .field("idempotency_ttl", &self.idempotency_ttl)
             .finish()
     }
 }

@@ -34,6 +34,18 @@ pub struct Event {
 pub struct Outgoing {
     pub channel: Channel,
     pub body: Bytes,
+    /// Publish at most once per key (within `IDEMPOTENCY_TTL`): a later publish with the same
+    /// key answers the first one's seq and publishes nothing.
+    pub idempotency_key: Option<String>,
+}
+
+/// What the broker did with one [`Outgoing`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    pub seq: u64,
+    /// Its idempotency key was seen before: `seq` is the first publish's, nothing new was
+    /// published.
+    pub replayed: bool,
 }
 
 /// Why an event name is refused.

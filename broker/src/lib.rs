@@ -30,7 +30,7 @@ use futures::Stream;
 pub use channel::{Channel, ChannelError};
 pub use config::BrokerConfig;
 pub use error::BrokerError;
-pub use event::{Event, Outgoing};
+pub use event::{Accepted, Event, Outgoing};
 pub use history::{ChannelPage, GapReason, Position, Removed, StreamFacts, parse_cursor};
 
 use crate::{
@@ -85,7 +85,8 @@ impl Broker {
     }
 
     /// Publishes entries atomically, in order; returns each entry's `seq`.
-    pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<u64>, BrokerError> {
+    /// Publishes `entries` atomically; one [`Accepted`] per entry, in order.
+    pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<Accepted>, BrokerError> {
         match self {
             Broker::Memory(m) => Ok(m.publish(entries)),
             Broker::Redis(r) => r.publish(entries).await,

@@ -13,7 +13,7 @@ use futures::Stream;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    BrokerConfig, Channel, ChannelPage, Event, LiveMessage, Outgoing, Position, Removed,
+    Accepted, BrokerConfig, Channel, ChannelPage, Event, LiveMessage, Outgoing, Position, Removed,
     StreamFacts, config::CLOCK_KEEP,
 };
 
@@ -23,6 +23,7 @@ pub struct MemoryBroker {
     tickets: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
     max_len: usize,
     ttl: Duration,
+    idempotency_ttl: Duration,
     bucket: Duration,
     timeout: Duration,
 }
@@ -36,6 +37,8 @@ struct State {
     live: HashMap<u64, LiveConn>,
     next_conn: u64,
     next_sweep: Instant,
+    /// Idempotency key → the seq of its first publish, and until when it is remembered.
+    idempotency: HashMap<String, (u64, Instant)>,
 }
 
 struct Log {
@@ -69,12 +72,14 @@ impl MemoryBroker {
                 live: HashMap::new(),
                 next_conn: 0,
                 next_sweep: now,
+                idempotency: HashMap::new(),
             }),
             tickets: Mutex::new(HashMap::new()),
             max_len: usize::try_from(config.history_max_len)
                 .unwrap_or(usize::MAX)
                 .max(1),
             ttl: config.history_ttl,
+            idempotency_ttl: config.idempotency_ttl,
             bucket: Duration::from_secs(config.clock_bucket_secs()),
             timeout: config.redis_timeout,
         }
@@ -112,7 +117,7 @@ impl MemoryBroker {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub fn publish(&self, entries: &[Outgoing]) -> Vec<u64> {
+    pub fn publish(&self, entries: &[Outgoing]) -> Vec<Accepted> {
         let mut state = self.lock();
         let now = Instant::now();
         self.sweep(&mut state, now);
@@ -130,6 +135,23 @@ impl MemoryBroker {
         let mut seqs = Vec::with_capacity(entries.len());
         for entry in entries {
             state.seq += 1;
+            if let Some(key) = &entry.idempotency_key {
+                match state.idempotency.get(key) {
+                    Some(&(first, until)) if until > now => {
+                        seqs.push(Accepted {
+                            seq: first,
+                            replayed: true,
+                        });
+                        continue;
+                    }
+                    _ => {
+                        let seq = state.seq;
+                        state
+                            .idempotency
+                            .insert(key.clone(), (seq, now + self.idempotency_ttl));
+                    }
+                }
+            }
             let event = Event {
                 seq: state.seq,
                 channel: entry.channel.clone(),
@@ -154,7 +176,10 @@ impl MemoryBroker {
                     let _ = conn.tx.send(LiveMessage::Event(event.clone()));
                 }
             }
-            seqs.push(event.seq);
+            seqs.push(Accepted {
+                seq: event.seq,
+                replayed: false,
+            });
         }
         seqs
     }
@@ -165,6 +190,7 @@ impl MemoryBroker {
             return;
         }
         state.channels.retain(|_, log| log.expires_at > now);
+        state.idempotency.retain(|_, (_, until)| *until > now);
         state.next_sweep = now + (self.ttl / 8).max(Duration::from_secs(1));
     }
 
@@ -339,6 +365,7 @@ mod tests {
         Outgoing {
             channel: Channel::parse(channel).unwrap(),
             body: Bytes::from_static(br#"{"data":1,"timestamp":"t"}"#),
+            idempotency_key: None,
         }
     }
 
@@ -359,7 +386,7 @@ mod tests {
         let page = &broker.history(&[(orders, start)], u64::MAX, 10)[0];
         assert_eq!(page.facts, StreamFacts::Missing);
         assert!(!page.recent, "a cursor older than the TTL is not recent");
-        assert_eq!(seqs, vec![start + 1]);
+        assert_eq!(seqs[0].seq, start + 1);
     }
 
     #[test]
@@ -374,6 +401,7 @@ mod tests {
             outgoing("a"),
             outgoing("a"),
         ]);
+        let seqs: Vec<u64> = seqs.iter().map(|a| a.seq).collect();
         let page = &broker.history(&[(Channel::parse("a").unwrap(), 0)], u64::MAX, 10)[0];
         let kept: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
         assert_eq!(kept, vec![seqs[1], seqs[3], seqs[4]]);

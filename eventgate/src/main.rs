@@ -28,11 +28,18 @@ struct Cli {
     #[command(flatten)]
     standalone: StandaloneArgs,
 
-    /// After SIGTERM or SIGINT, streams end at once and the process exits at the latest after
-    /// this.
-    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value = "10s", global = true,
+    /// After SIGTERM or SIGINT the services report not ready at once and keep serving for this
+    /// long, so load balancers send new clients elsewhere first; then streams end (clients
+    /// resume on another replica) and new requests are refused.
+    #[arg(long, env = "DRAIN_GRACE", default_value = "5s", global = true,
           value_parser = eventgate_broker::config::parse_duration)]
-    shutdown_timeout: std::time::Duration,
+    drain_grace: std::time::Duration,
+
+    /// The process exits at the latest this long after SIGTERM or SIGINT (more than
+    /// `DRAIN_GRACE`).
+    #[arg(long, env = "DRAIN_TIMEOUT", default_value = "15s", global = true,
+          value_parser = eventgate_broker::config::parse_duration)]
+    drain_timeout: std::time::Duration,
 
     /// Log lines as `text` or `json` (one object per line). Filter with `RUST_LOG`.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -111,6 +118,10 @@ fn main() -> ExitCode {
             };
         }
     };
+    if cli.drain_timeout <= cli.drain_grace {
+        eprintln!("eventgate: DRAIN_TIMEOUT must be longer than DRAIN_GRACE");
+        return ExitCode::from(EX_USAGE);
+    }
     let service = match &cli.command {
         Some(Command::Gateway { .. }) => Some("eventgate-gateway"),
         Some(Command::Publisher { .. }) => Some("eventgate-publisher"),
@@ -132,20 +143,24 @@ fn main() -> ExitCode {
     let mut command = cli.command.unwrap_or(Command::Standalone(cli.standalone));
     match &mut command {
         Command::Gateway { gateway, edge, .. } => {
-            gateway.shutdown_timeout = cli.shutdown_timeout;
+            gateway.shutdown_timeout = cli.drain_timeout;
+            gateway.drain_grace = cli.drain_grace;
             gateway.trusted_proxies = edge.trusted_proxies.clone();
             gateway.request_header_timeout = edge.request_header_timeout;
         }
         Command::Publisher {
             publisher, edge, ..
         } => {
-            publisher.shutdown_timeout = cli.shutdown_timeout;
+            publisher.shutdown_timeout = cli.drain_timeout;
+            publisher.drain_grace = cli.drain_grace;
             publisher.trusted_proxies = edge.trusted_proxies.clone();
             publisher.request_header_timeout = edge.request_header_timeout;
         }
         Command::Standalone(args) => {
-            args.gateway.shutdown_timeout = cli.shutdown_timeout;
-            args.publisher.shutdown_timeout = cli.shutdown_timeout;
+            args.gateway.shutdown_timeout = cli.drain_timeout;
+            args.publisher.shutdown_timeout = cli.drain_timeout;
+            args.gateway.drain_grace = cli.drain_grace;
+            args.publisher.drain_grace = cli.drain_grace;
             args.gateway.trusted_proxies = args.edge.trusted_proxies.clone();
             args.gateway.request_header_timeout = args.edge.request_header_timeout;
             args.publisher.trusted_proxies = args.edge.trusted_proxies.clone();

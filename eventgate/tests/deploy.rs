@@ -157,7 +157,11 @@ fn every_kubernetes_overlay_renders_and_agrees_with_the_binary() {
             assert_placeholder(name, value);
         }
         let heartbeat = duration_secs(&config["HEARTBEAT_INTERVAL"]);
-        let shutdown = duration_secs(&config["SHUTDOWN_TIMEOUT"]);
+        let shutdown = duration_secs(&config["DRAIN_TIMEOUT"]);
+        assert!(
+            shutdown > duration_secs(&config["DRAIN_GRACE"]),
+            "{overlay}"
+        );
 
         for (deployment, subcommand, addr_var) in [
             ("eventgate-gateway", "gateway", "GATEWAY_ADDR"),

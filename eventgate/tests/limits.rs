@@ -534,6 +534,7 @@ async fn a_storm_of_2000_clients_resuming_at_once_loses_nothing() {
             gateway: eventgate_gateway::GatewayConfig {
                 trusted_proxies: TrustedProxies::parse("127.0.0.1/32").expect("cidr"),
                 shutdown_timeout: Duration::from_secs(3),
+                drain_grace: Duration::ZERO,
                 ..eventgate_gateway::GatewayConfig::default()
             },
             ..Options::default()

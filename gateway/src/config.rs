@@ -127,9 +127,13 @@ pub struct GatewayConfig {
           value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
     pub max_url_bytes: u32,
 
-    /// After SIGTERM, streams end at once; the server stops at the latest after this
-    /// (`SHUTDOWN_TIMEOUT`, set by the binary for both services).
-    #[arg(skip = Duration::from_secs(10))]
+    /// After SIGTERM the replica is not ready at once, serves on for this long (`DRAIN_GRACE`,
+    /// set by the binary for both services), then ends its streams.
+    #[arg(skip = Duration::from_secs(5))]
+    pub drain_grace: Duration,
+
+    /// The process stops at the latest this long after SIGTERM (`DRAIN_TIMEOUT`).
+    #[arg(skip = Duration::from_secs(15))]
     pub shutdown_timeout: Duration,
 }
 
@@ -150,7 +154,8 @@ impl Default for GatewayConfig {
             allow_query_token: false,
             ticket_ttl: Duration::from_secs(30),
             replay_page_size: 500,
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(15),
+            drain_grace: Duration::from_secs(5),
             trusted_proxies: TrustedProxies::default(),
             rate_limit_connect: Rate::new(20, Duration::from_secs(1), 200),
             rate_limit_tickets: Rate::new(10, Duration::from_secs(1), 50),

@@ -67,7 +67,10 @@ pub struct GatewayState {
     /// History pages shared by every replay of this replica.
     pub history: Arc<replay::HistoryCache>,
     pub stats: Arc<Stats>,
-    /// Cancelled on shutdown: streams end, readiness turns false.
+    /// Cancelled when the replica is asked to stop (SIGTERM): readiness turns false at once,
+    /// everything else goes on for `DRAIN_GRACE` so load balancers notice first.
+    pub draining: CancellationToken,
+    /// Cancelled `DRAIN_GRACE` later: streams end, new ones are refused.
     pub shutdown: CancellationToken,
     /// How long a request waits for the broker before answering 503.
     pub broker_timeout: Duration,
@@ -91,8 +94,9 @@ impl Gateway {
         config: GatewayConfig,
         broker: Broker,
         verifier: Verifier,
-        shutdown: CancellationToken,
+        draining: CancellationToken,
     ) -> Self {
+        let shutdown = CancellationToken::new();
         let replica = config
             .replica_id
             .clone()
@@ -122,6 +126,11 @@ impl Gateway {
             &mut tasks,
             shutdown.clone(),
         );
+        tasks.spawn(drain(
+            draining.clone(),
+            shutdown.clone(),
+            config.drain_grace,
+        ));
         tasks.spawn(heartbeat_and_shutdown(
             hub.clone(),
             config.heartbeat_interval,
@@ -151,15 +160,18 @@ impl Gateway {
             live,
             history,
             stats,
+            draining,
             shutdown,
         });
         Self { state, tasks }
     }
 
-    /// Serves HTTP on `listener` until the shutdown token is cancelled, then ends every stream
-    /// and returns once connections are closed or `SHUTDOWN_TIMEOUT` has passed.
+    /// Serves HTTP on `listener` until `DRAIN_GRACE` after the drain began, then ends every
+    /// stream and returns once connections are closed, at the latest `DRAIN_TIMEOUT` after the
+    /// drain began.
     pub async fn serve(mut self, listener: TcpListener) -> io::Result<()> {
-        let grace = self.state.config.shutdown_timeout;
+        let config = &self.state.config;
+        let grace = config.shutdown_timeout.saturating_sub(config.drain_grace);
         let app = app(self.state.clone());
         let result = server::serve(listener, self.state.clone(), app, grace).await;
         // Every stream has ended (or the deadline passed); stop the live connection last.
@@ -189,7 +201,18 @@ async fn heartbeat_and_shutdown(hub: Arc<Hub>, interval: Duration, shutdown: Can
 /// How often rate limiters forget clients whose allowance has refilled.
 const LIMITER_CLEANUP: Duration = Duration::from_secs(10);
 
-/// Runs a gateway on `listener` until `shutdown` is cancelled.
+/// The drain: readiness is already false (`draining`); after `grace`, stop.
+async fn drain(draining: CancellationToken, shutdown: CancellationToken, grace: Duration) {
+    draining.cancelled().await;
+    tracing::info!(
+        ?grace,
+        "draining: not ready; streams end after the grace period"
+    );
+    tokio::time::sleep(grace).await;
+    shutdown.cancel();
+}
+
+/// Runs a gateway on `listener` until `shutdown` is cancelled (plus `DRAIN_GRACE`).
 pub async fn run(
     config: GatewayConfig,
     broker: Broker,
@@ -335,7 +358,7 @@ async fn healthz() -> Json<serde_json::Value> {
 
 /// Ready while the live connection is up and caught up, and not shutting down.
 async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
-    let reason = if state.shutdown.is_cancelled() {
+    let reason = if state.draining.is_cancelled() || state.shutdown.is_cancelled() {
         Some("shutting_down")
     } else if state.admission.is_full() {
         Some("at_capacity")

@@ -300,6 +300,8 @@ pub(crate) struct SseBody {
     busy_since_heartbeat: bool,
     /// When the stream ends by itself: at `?duration=`, or when the token expires.
     ends: Pin<Box<Sleep>>,
+    /// `SSE_RETRY` in milliseconds, for the jittered `retry:` sent at shutdown.
+    retry_base_ms: u32,
     ending: Ending,
     opened: Instant,
     end: &'static str,
@@ -350,6 +352,7 @@ impl SseBody {
             busy_since_position: false,
             busy_since_heartbeat: false,
             ends: Box::pin(tokio::time::sleep(ends)),
+            retry_base_ms: u32::try_from(base).unwrap_or(u32::MAX),
             ending,
             opened: Instant::now(),
             end: "client",
@@ -410,7 +413,14 @@ impl SseBody {
                         b": disconnected: too slow; reconnect to resume\n\n",
                     )));
                 }
-                Err(CloseReason::Shutdown) => self.finish("shutdown"),
+                Err(CloseReason::Shutdown) => {
+                    self.finish("shutdown");
+                    // Every client of this replica reconnects now: spread them over a few
+                    // seconds (SSE_RETRY plus up to twice as much again).
+                    let base = u64::from(self.retry_base_ms);
+                    let retry = base + rand::random_range(0..=base * 2);
+                    return Poll::Ready(Some(Bytes::from(format!("retry: {retry}\n\n"))));
+                }
             }
         }
     }

@@ -108,7 +108,19 @@ impl ApiKeys {
         }
         found
     }
+
+    /// A stable name for key `index` that reveals nothing of it: idempotency keys are kept per
+    /// API key, so two backends never answer each other's retries.
+    pub fn namespace(&self, index: usize) -> KeyNamespace {
+        let digest = self.keys.get(index).map_or([0; 32], |(d, _)| *d);
+        let hashed = Sha256::digest(digest);
+        KeyNamespace(hashed[..8].iter().map(|b| format!("{b:02x}")).collect())
+    }
 }
+
+/// See [`ApiKeys::namespace`]; a request extension.
+#[derive(Clone, Debug)]
+pub struct KeyNamespace(pub String);
 
 /// `key` or `key=pattern|pattern`. Keys may end in `=` (base64 padding): the entry is split at
 /// its last `=` only when what follows is a pattern list.
@@ -163,6 +175,9 @@ pub async fn require_key(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    if state.shutdown.is_cancelled() {
+        return Err(ApiError::ShuttingDown);
+    }
     match key_scope(&state, request.headers()) {
         Ok((index, scope)) => {
             state
@@ -174,6 +189,8 @@ pub async fn require_key(
                     retry,
                 })?;
             request.extensions_mut().insert(scope);
+            let namespace = state.auth.keys.namespace(index);
+            request.extensions_mut().insert(namespace);
             Ok(next.run(request).await)
         }
         Err(unauthorized) => {

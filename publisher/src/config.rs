@@ -53,8 +53,6 @@ pub struct PublisherConfig {
           value_parser = |s: &str| parse_duration_at_most(s, Duration::from_secs(366 * 24 * 3600), "366d"))]
     pub token_max_ttl: Duration,
 
-    /// After SIGTERM, in-flight requests may finish for this long (`SHUTDOWN_TIMEOUT`, set by
-    /// the binary for both services).
     /// `TRUSTED_PROXIES` (see [`eventgate_broker::limits::EdgeConfig`], shared with the gateway).
     #[arg(skip = TrustedProxies::default())]
     pub trusted_proxies: TrustedProxies,
@@ -74,7 +72,14 @@ pub struct PublisherConfig {
     pub rate_limit_unauthenticated: Rate,
 
     /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_broker::limits::EdgeConfig`]).
-    #[arg(skip = Duration::from_secs(10))]
+    /// After SIGTERM: requests are refused (503) for this long while the listener stays open
+    /// (`DRAIN_GRACE`, set by the binary).
+    #[arg(skip = Duration::from_secs(5))]
+    pub drain_grace: Duration,
+
+    /// The process stops at the latest this long after SIGTERM; in-flight requests finish
+    /// within it (`DRAIN_TIMEOUT`, set by the binary for both services).
+    #[arg(skip = Duration::from_secs(15))]
     pub request_header_timeout: Duration,
 
     /// A request body must arrive within this.
@@ -96,7 +101,8 @@ impl Default for PublisherConfig {
             publisher_api_keys: Vec::new(),
             publisher_api_keys_file: None,
             token_max_ttl: Duration::from_secs(24 * 3600),
-            shutdown_timeout: Duration::from_secs(10),
+            shutdown_timeout: Duration::from_secs(15),
+            drain_grace: Duration::from_secs(5),
             trusted_proxies: TrustedProxies::default(),
             rate_limit_publish: Rate::new(5000, Duration::from_secs(1), 10_000),
             rate_limit_unauthenticated: Rate::new(5, Duration::from_secs(1), 20),

@@ -47,6 +47,9 @@ pub enum ApiError {
     /// The body did not arrive within `REQUEST_BODY_TIMEOUT`.
     #[error("the request body did not arrive in time; nothing was published")]
     BodyTimeout,
+    /// The publisher is draining (SIGTERM); nothing was published, retry (another replica).
+    #[error("the publisher is shutting down; nothing was published, retry")]
+    ShuttingDown,
     /// Redis is unreachable or too slow; nothing was published, retry.
     #[error("event broker unavailable; nothing was published, retry")]
     Unavailable(#[source] BrokerError),
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            ApiError::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
         }
     }
 }

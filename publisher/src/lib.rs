@@ -107,7 +107,8 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
-    let grace = config.shutdown_timeout;
+    let grace = config.shutdown_timeout.saturating_sub(config.drain_grace);
+    let drain_grace = config.drain_grace;
     let state = Arc::new(PublisherState {
         limits: auth::PublisherLimits::new(&config),
         metrics: metrics::PublisherMetrics::default(),
@@ -130,9 +131,16 @@ pub async fn run(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
+    // After SIGTERM: requests are refused with 503 (readiness too) while connections are still
+    // taken for DRAIN_GRACE, so load balancers move on; then the listener closes.
+    let stop = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(drain_grace).await;
+    };
+    let mut stop = std::pin::pin!(stop);
     loop {
         let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = &mut stop => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {

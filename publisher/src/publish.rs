@@ -6,7 +6,7 @@ use axum::{
     Extension, Json,
     body::Bytes,
     extract::{State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
 };
 use eventgate_broker::{
     Channel, Outgoing,
@@ -15,9 +15,14 @@ use eventgate_broker::{
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
-use crate::{PublisherConfig, PublisherState, auth::KeyScope, error::ApiError};
+use crate::{
+    PublisherConfig, PublisherState,
+    auth::{KeyNamespace, KeyScope},
+    error::ApiError,
+};
 
 /// Whether reading the body failed because `REQUEST_BODY_TIMEOUT` passed.
 fn timed_out(rejection: &BytesRejection) -> bool {
@@ -41,6 +46,7 @@ struct EventSpec<'a> {
     /// `Some` whenever the field is present, `null` included.
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    idempotency_key: Option<String>,
 }
 
 /// The request: one event inline, or `events`. (Not `#[serde(flatten)]`: it cannot hold raw
@@ -53,6 +59,7 @@ struct PublishRequest<'a> {
     event: Option<String>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    idempotency_key: Option<String>,
     #[serde(borrow)]
     events: Option<Vec<EventSpec<'a>>>,
 }
@@ -75,9 +82,10 @@ pub struct PublishResponse {
 pub async fn publish(
     State(state): State<Arc<PublisherState>>,
     Extension(scope): Extension<KeyScope>,
+    Extension(namespace): Extension<KeyNamespace>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+) -> Result<(StatusCode, HeaderMap, Json<PublishResponse>), ApiError> {
     check_content_type(&headers)?;
     let body = body.map_err(|rejection| match rejection.status() {
         _ if timed_out(&rejection) => ApiError::BodyTimeout,
@@ -91,7 +99,17 @@ pub async fn publish(
         _ => ApiError::invalid("invalid_request", rejection.body_text()),
     })?;
     let timestamp = format_timestamp(SystemTime::now());
-    let entries = parse(&body, &state.config, &timestamp)?;
+    let mut entries = parse(&body, &state.config, &timestamp)?;
+    let header = match headers.get("idempotency-key") {
+        Some(value) => Some(value.to_str().map_err(|_| {
+            ApiError::invalid(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be printable ASCII",
+            )
+        })?),
+        None => None,
+    };
+    scope_idempotency_keys(&mut entries, header, &namespace.0)?;
     if let Some(entry) = entries.iter().find(|e| !scope.allows(&e.channel)) {
         return Err(ApiError::Forbidden(format!(
             "this key may not publish on channel {}; nothing was published",
@@ -121,20 +139,30 @@ pub async fn publish(
         .inspect_err(|_| {
             state.metrics.broker_errors.inc();
         })?;
-    state.metrics.events_published.inc_by(seqs.len() as u64);
-    if let ([entry], [seq]) = (entries.as_slice(), seqs.as_slice()) {
+    let fresh = seqs.iter().filter(|a| !a.replayed).count();
+    state.metrics.events_published.inc_by(fresh as u64);
+    if let ([entry], [accepted]) = (entries.as_slice(), seqs.as_slice()) {
         span.record("channel", entry.channel.as_str());
-        span.record("event_id", seq);
+        span.record("event_id", accepted.seq);
     }
     let published = entries
         .into_iter()
-        .zip(seqs)
-        .map(|(entry, seq)| Published {
+        .zip(&seqs)
+        .map(|(entry, accepted)| Published {
             channel: entry.channel,
-            id: seq.to_string(),
+            id: accepted.seq.to_string(),
         })
         .collect();
-    Ok((StatusCode::ACCEPTED, Json(PublishResponse { published })))
+    // A retry answered from the first publish says so (nothing new was published).
+    let mut headers = HeaderMap::new();
+    if fresh == 0 {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        headers,
+        Json(PublishResponse { published }),
+    ))
 }
 
 pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -168,7 +196,8 @@ pub fn parse(
     let has_single = request.channel.is_some()
         || request.channels.is_some()
         || request.event.is_some()
-        || request.data.is_some();
+        || request.data.is_some()
+        || request.idempotency_key.is_some();
     let specs = match request.events {
         Some(_) if has_single => {
             return Err(ApiError::invalid(
@@ -195,6 +224,7 @@ pub fn parse(
             channels: request.channels,
             event: request.event,
             data: request.data,
+            idempotency_key: request.idempotency_key,
         }],
     };
     let batch = specs.len() > 1;
@@ -233,12 +263,79 @@ pub fn parse(
         let data = RawValue::from_string(compact.into_owned())
             .map_err(|e| ApiError::invalid("invalid_json", at(e.to_string())))?;
         let body = encode_body(spec.event.as_deref(), &data, timestamp);
-        entries.extend(channels.into_iter().map(|channel| Outgoing {
-            channel,
-            body: body.clone(),
-        }));
+        let key = match &spec.idempotency_key {
+            Some(key) => Some(check_idempotency_key(key).map_err(|e| relabel(e, &at))?),
+            None => None,
+        };
+        entries.extend(
+            channels
+                .into_iter()
+                .enumerate()
+                .map(|(i, channel)| Outgoing {
+                    channel,
+                    body: body.clone(),
+                    idempotency_key: key.map(|k| format!("{k}:{i}")),
+                }),
+        );
     }
     Ok(entries)
+}
+
+/// Longest idempotency key accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+fn check_idempotency_key(key: &str) -> Result<&str, ApiError> {
+    if key.is_empty()
+        || key.len() > MAX_IDEMPOTENCY_KEY
+        || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        return Err(ApiError::invalid(
+            "invalid_idempotency_key",
+            format!("an idempotency key is 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"),
+        ));
+    }
+    Ok(key)
+}
+
+/// Names the entries' idempotency keys for the broker: per API key (`namespace`), hashed (any
+/// length or content becomes a fixed name), and per entry. The `Idempotency-Key` header
+/// covers the whole request, entry by entry in request order; a per-event `idempotency_key`
+/// covers that event's channels.
+fn scope_idempotency_keys(
+    entries: &mut [Outgoing],
+    header: Option<&str>,
+    namespace: &str,
+) -> Result<(), ApiError> {
+    let hash = |key: &str| {
+        let digest = Sha256::digest(format!("{namespace}\0{key}").as_bytes());
+        digest[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    match header {
+        Some(_) if entries.iter().any(|e| e.idempotency_key.is_some()) => Err(ApiError::invalid(
+            "invalid_request",
+            "use the Idempotency-Key header or per-event idempotency_key fields, not both",
+        )),
+        Some(header) => {
+            let key = hash(check_idempotency_key(header)?);
+            for (i, entry) in entries.iter_mut().enumerate() {
+                entry.idempotency_key = Some(format!("{namespace}:{key}:{i}"));
+            }
+            Ok(())
+        }
+        None => {
+            for entry in entries.iter_mut() {
+                if let Some(own) = &entry.idempotency_key {
+                    // `own` is `key:channel index`: hash the key, keep the index.
+                    let (key, index) = own.rsplit_once(':').unwrap_or((own, "0"));
+                    entry.idempotency_key = Some(format!("{namespace}:{}:{index}", hash(key)));
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 fn relabel(error: ApiError, at: &impl Fn(String) -> String) -> ApiError {

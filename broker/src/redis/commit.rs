@@ -20,13 +20,13 @@ use tokio::{
 };
 
 use super::{Keys, commands::Commands};
-use crate::{BrokerConfig, BrokerError, Outgoing, config::CLOCK_KEEP};
+use crate::{Accepted, BrokerConfig, BrokerError, Outgoing, config::CLOCK_KEEP};
 
 /// Most events in one script call: keeps each call (which blocks Redis) short. A larger
 /// request still goes in one call of its own.
 const MAX_CALL_ENTRIES: usize = 1000;
 
-type Reply = oneshot::Sender<Result<Vec<u64>, Arc<BrokerError>>>;
+type Reply = oneshot::Sender<Result<Vec<Accepted>, Arc<BrokerError>>>;
 
 struct Pending {
     entries: Vec<Outgoing>,
@@ -97,7 +97,7 @@ impl Committer {
     }
 
     /// Publishes `entries` in the next script call; returns their seqs.
-    pub(super) async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<u64>, BrokerError> {
+    pub(super) async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<Accepted>, BrokerError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
@@ -148,13 +148,20 @@ async fn commit(call: Arc<Call>, batch: Vec<Pending>) {
         .arg(call.config.history_max_len)
         .arg(call.config.history_ttl.as_millis() as u64)
         .arg(call.config.clock_bucket_secs())
-        .arg(CLOCK_KEEP);
+        .arg(CLOCK_KEEP)
+        .arg(call.config.idempotency_ttl.as_millis() as u64);
     for entry in &entries {
+        let idempotency = match &entry.idempotency_key {
+            Some(key) => call.keys.idempotency(key),
+            None => String::new(),
+        };
         invocation
             .arg(call.keys.live(&entry.channel))
-            .arg(&entry.body[..]);
+            .arg(&entry.body[..])
+            .arg(idempotency);
     }
-    let result: Result<Vec<u64>, BrokerError> = call
+    // A seq per entry; negative: the entry's idempotency key was known, this is its first seq.
+    let result: Result<Vec<i64>, BrokerError> = call
         .commands
         .with_conn(true, |mut c| {
             let invocation = &invocation;
@@ -163,7 +170,13 @@ async fn commit(call: Arc<Call>, batch: Vec<Pending>) {
         .await;
     let result = result.and_then(|seqs| {
         if seqs.len() == entries.len() {
-            Ok(seqs)
+            Ok(seqs
+                .into_iter()
+                .map(|s| Accepted {
+                    seq: s.unsigned_abs(),
+                    replayed: s < 0,
+                })
+                .collect::<Vec<_>>())
         } else {
             Err(BrokerError::Protocol(format!(
                 "publish returned {} ids for {} events",
@@ -176,7 +189,7 @@ async fn commit(call: Arc<Call>, batch: Vec<Pending>) {
         Ok(seqs) => {
             let mut seqs = seqs.into_iter();
             for pending in batch {
-                let own: Vec<u64> = seqs.by_ref().take(pending.entries.len()).collect();
+                let own: Vec<Accepted> = seqs.by_ref().take(pending.entries.len()).collect();
                 let _ = pending.reply.send(Ok(own));
             }
         }

@@ -21,7 +21,7 @@ pub use live::{RedisLiveSink, RedisLiveStream};
 
 use self::{commands::Commands, commit::Committer};
 use crate::{
-    BrokerConfig, BrokerError, Channel, ChannelPage, Event, Outgoing, Position, Removed,
+    Accepted, BrokerConfig, BrokerError, Channel, ChannelPage, Event, Outgoing, Position, Removed,
     StreamFacts,
 };
 
@@ -35,6 +35,7 @@ pub(crate) struct Keys {
     live: String,
     marker: String,
     ticket: String,
+    idempotency: String,
 }
 
 impl Keys {
@@ -47,7 +48,12 @@ impl Keys {
             live: format!("{prefix}live:"),
             marker: format!("{prefix}marker:"),
             ticket: format!("{prefix}ticket:"),
+            idempotency: format!("{prefix}idem:"),
         }
+    }
+
+    fn idempotency(&self, key: &str) -> String {
+        format!("{}{key}", self.idempotency)
     }
 
     fn stream(&self, channel: &Channel) -> String {
@@ -153,7 +159,7 @@ impl RedisBroker {
     }
 
     /// Publishes `entries` atomically (see `commit`: concurrent requests share script calls).
-    pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<u64>, BrokerError> {
+    pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<Accepted>, BrokerError> {
         self.commit.publish(entries).await
     }
 

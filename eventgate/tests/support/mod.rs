@@ -131,6 +131,8 @@ impl Default for Options {
             broker: BrokerConfig::memory(),
             gateway: GatewayConfig {
                 shutdown_timeout: Duration::from_secs(3),
+                // Tests stop services at once; the drain test sets its own.
+                drain_grace: Duration::ZERO,
                 rate_limit_connect: unlimited(),
                 rate_limit_tickets: unlimited(),
                 rate_limit_ws_subscribe: unlimited(),
@@ -140,6 +142,7 @@ impl Default for Options {
             },
             publisher: PublisherConfig {
                 shutdown_timeout: Duration::from_secs(3),
+                drain_grace: Duration::ZERO,
                 rate_limit_publish: unlimited(),
                 rate_limit_unauthenticated: unlimited(),
                 publisher_api_keys: vec![TEST_PUBLISHER_KEY.into()],
