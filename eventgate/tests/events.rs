@@ -442,6 +442,44 @@ async fn slow_client_is_dropped_while_a_fast_one_gets_everything(backend: Backen
     let mut rest = Vec::new();
     let read = tokio::time::timeout(SOON, slow.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the slow client's socket is closed");
+
+    // It comes back with the last id it got (whole events only) and catches up exactly.
+    let text = String::from_utf8_lossy(&rest);
+    let chunked = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    // Undo the chunked encoding; the last chunk may be cut short.
+    let (mut body, mut left) = (String::new(), chunked);
+    while let Some((size, after)) = left.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        let take = size.min(after.len());
+        body.push_str(&after[..take]);
+        left = after[take..].strip_prefix("\r\n").unwrap_or("");
+        if size == 0 || take < size {
+            break;
+        }
+    }
+    let mut got = Vec::new();
+    let mut blocks: Vec<&str> = body.split("\n\n").collect();
+    blocks.pop(); // cut short, or empty
+    for block in blocks.into_iter().filter(|b| b.contains("data: ")) {
+        if let Some(id) = block.lines().find_map(|l| l.strip_prefix("id: ")) {
+            got.push(id.trim().parse::<u64>().expect("id"));
+        }
+    }
+    let last = *got.last().expect("the slow client got some events first");
+    assert_eq!(got, published[..got.len()], "what it got was in order");
+    let mut resumed = stack
+        .subscribe_at(0, "channel=orders", Some(&last.to_string()))
+        .await;
+    let missed = &published[got.len()..];
+    let caught_up: Vec<u64> = resumed
+        .expect_events(missed.len(), SOON)
+        .await
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(caught_up, missed, "the dropped client catches up by resume");
 }
 
 async fn stats_count_connections_and_deliveries(backend: Backend) {

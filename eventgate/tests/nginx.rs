@@ -216,7 +216,12 @@ async fn follow_sse(http: reqwest::Client, url: String, want: usize) -> (Vec<u64
     while ids.len() < want {
         connects += 1;
         assert!(connects < 20, "too many reconnects");
-        let mut client = SseClient::open(http.get(&url), last_id.as_deref()).await;
+        // Bounded: a connect that hangs is retried like a browser would.
+        let Ok(mut client) =
+            tokio::time::timeout(SOON, SseClient::open(http.get(&url), last_id.as_deref())).await
+        else {
+            continue;
+        };
         if client.status != StatusCode::OK {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
@@ -238,7 +243,9 @@ async fn follow_ws(source: IpAddr, url: String, want: usize) -> (Vec<u64>, usize
     while ids.len() < want {
         connects += 1;
         assert!(connects < 20, "too many reconnects");
-        let Some(mut ws) = WsClient::connect_from(source, &url).await else {
+        let Ok(Some(mut ws)) =
+            tokio::time::timeout(SOON, WsClient::connect_from(source, &url)).await
+        else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };

@@ -11,6 +11,9 @@ pub struct Service {
     pub child: Child,
     pub url: String,
     pub addr: String,
+    subcommand: String,
+    addr_var: String,
+    env: Vec<(String, String)>,
 }
 
 impl Service {
@@ -18,39 +21,74 @@ impl Service {
     /// material and `env`, and waits until `/readyz` answers 200.
     pub async fn start(subcommand: &str, addr_var: &str, env: &[(&str, String)]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_eventgate"))
-            .arg(subcommand)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("RUST_LOG", "warn")
-            .env(addr_var, &addr)
-            .env("JWT_SECRET", TEST_SECRET)
-            .env("PUBLISHER_API_KEYS", TEST_PUBLISHER_KEY)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start eventgate");
-        let url = format!("http://{addr}");
-        let service = Self { child, url, addr };
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let child = spawn(subcommand, addr_var, &addr, &env);
+        let service = Self {
+            child,
+            url: format!("http://{addr}"),
+            addr,
+            subcommand: subcommand.to_owned(),
+            addr_var: addr_var.to_owned(),
+            env,
+        };
+        service.wait_ready().await;
+        service
+    }
+
+    async fn wait_ready(&self) {
         let http = reqwest::Client::new();
-        let readyz = format!("{}/readyz", service.url);
-        let ready = wait_until(SOON, || async {
+        let readyz = format!("{}/readyz", self.url);
+        // Generous: a replica restarted under a fault test's load starts on a busy machine.
+        let ready = wait_until(SOON * 3, || async {
             http.get(&readyz)
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200)
         })
         .await;
-        assert!(ready, "eventgate {subcommand} never became ready");
-        service
+        assert!(ready, "eventgate {} never became ready", self.subcommand);
+    }
+
+    /// SIGTERM, and waits for the process to finish its drain and exit.
+    pub async fn terminate(&mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        let _ = tokio::time::timeout(SOON, self.child.wait()).await;
+    }
+
+    /// Starts the process again on the same address, and waits until it is ready.
+    pub async fn restart(&mut self) {
+        self.child = spawn(&self.subcommand, &self.addr_var, &self.addr, &self.env);
+        self.wait_ready().await;
     }
 
     /// `kill -9`: no drain, no goodbye.
     pub async fn kill(&mut self) {
         self.child.kill().await.expect("kill");
     }
+}
+
+fn spawn(subcommand: &str, addr_var: &str, addr: &str, env: &[(String, String)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .arg(subcommand)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env(addr_var, addr)
+        .env("JWT_SECRET", TEST_SECRET)
+        .env("PUBLISHER_API_KEYS", TEST_PUBLISHER_KEY)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start eventgate")
 }
 
 /// nginx (the Debian package) running `deploy/nginx/eventgate.conf` with its upstreams swapped

@@ -131,6 +131,11 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id, for signals (freezing it with SIGSTOP).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref()?.id()
+    }
+
     /// Starts Redis again on the same port and directory.
     pub async fn restart(&mut self) {
         assert!(
