@@ -17,6 +17,7 @@ pub mod limits;
 pub mod memory;
 pub mod redact;
 pub mod redis;
+pub mod serve;
 pub mod telemetry;
 
 use std::{

@@ -15,10 +15,7 @@ use std::{
 };
 
 use futures::{SinkExt, StreamExt};
-use support::{
-    process::{Nginx, Service},
-    *,
-};
+use support::{process::Deployment, *};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpSocket, TcpStream},
@@ -41,50 +38,27 @@ async fn connect_from(source: IpAddr, to: SocketAddr) -> Option<TcpStream> {
     socket.connect(to).await.ok()
 }
 
-struct Deployment {
-    redis: RedisServer,
-    publisher: Service,
-    gateways: Vec<Service>,
-    nginx: Nginx,
+async fn start() -> Deployment {
+    Deployment::start(
+        3,
+        &[
+            ("HEARTBEAT_INTERVAL", "2s"),
+            ("DRAIN_GRACE", "500ms"),
+            ("DRAIN_TIMEOUT", "5s"),
+            // A Redis freeze of a few seconds must not count as down for publishes.
+            ("REDIS_TIMEOUT", "10s"),
+        ],
+    )
+    .await
 }
 
-impl Deployment {
-    async fn start() -> Self {
-        let _ = rlimit::increase_nofile_limit(u64::MAX);
-        let redis = RedisServer::start().await;
-        let env = [
-            ("REDIS_URL", redis.url()),
-            ("TRUSTED_PROXIES", "127.0.0.1/32".to_owned()),
-            ("HEARTBEAT_INTERVAL", "2s".to_owned()),
-            ("DRAIN_GRACE", "500ms".to_owned()),
-            ("DRAIN_TIMEOUT", "5s".to_owned()),
-            // A Redis freeze of a few seconds must not count as down for publishes.
-            ("REDIS_TIMEOUT", "10s".to_owned()),
-        ];
-        let publisher = Service::start("publisher", "PUBLISHER_ADDR", &env).await;
-        let mut gateways = Vec::new();
-        for i in 0..3 {
-            let mut env = env.to_vec();
-            env.push(("REPLICA_ID", format!("replica-{i}")));
-            gateways.push(Service::start("gateway", "GATEWAY_ADDR", &env).await);
-        }
-        let upstreams: Vec<&str> = gateways.iter().map(|g| g.addr.as_str()).collect();
-        let nginx = Nginx::start(&upstreams, &publisher.addr).await;
-        Self {
-            redis,
-            publisher,
-            gateways,
-            nginx,
-        }
-    }
-
-    fn nginx_addr(&self) -> SocketAddr {
-        self.nginx
-            .url
-            .trim_start_matches("http://")
-            .parse()
-            .expect("addr")
-    }
+fn nginx_addr(deployment: &Deployment) -> SocketAddr {
+    deployment
+        .nginx
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("addr")
 }
 
 /// What a client saw.
@@ -244,8 +218,8 @@ where
     // One at a time also under `cargo test`, which runs a binary's tests in parallel.
     static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let _alone = ONE_AT_A_TIME.lock().await;
-    let deployment = Deployment::start().await;
-    let nginx = deployment.nginx_addr();
+    let deployment = start().await;
+    let nginx = nginx_addr(&deployment);
     let (last_tx, last) = watch::channel(None);
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..SSE_CLIENTS {

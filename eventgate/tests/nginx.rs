@@ -12,10 +12,7 @@ use std::{
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use support::{
-    process::{Nginx, Service},
-    *,
-};
+use support::{process, *};
 
 /// An HTTP client whose connections come from `source`.
 fn client_from(source: IpAddr) -> reqwest::Client {
@@ -36,38 +33,33 @@ fn loopback(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
+/// The deployment of this test, and a client for the publisher.
 struct Deployment {
-    _redis: RedisServer,
-    publisher: Service,
-    gateways: Vec<Service>,
-    nginx: Nginx,
+    services: process::Deployment,
     http: reqwest::Client,
+}
+
+impl std::ops::Deref for Deployment {
+    type Target = process::Deployment;
+    fn deref(&self) -> &process::Deployment {
+        &self.services
+    }
+}
+
+impl std::ops::DerefMut for Deployment {
+    fn deref_mut(&mut self) -> &mut process::Deployment {
+        &mut self.services
+    }
 }
 
 impl Deployment {
     async fn start() -> Self {
-        let redis = RedisServer::start().await;
         let env = [
-            ("REDIS_URL", redis.url()),
-            // nginx runs on this machine: its X-Forwarded-For names the client.
-            ("TRUSTED_PROXIES", "127.0.0.1/32".to_owned()),
-            ("RATE_LIMIT_CONNECT", "1/min,burst=20".to_owned()),
-            ("HEARTBEAT_INTERVAL", "5s".to_owned()),
+            ("RATE_LIMIT_CONNECT", "1/min,burst=20"),
+            ("HEARTBEAT_INTERVAL", "5s"),
         ];
-        let publisher = Service::start("publisher", "PUBLISHER_ADDR", &env).await;
-        let mut gateways = Vec::new();
-        for i in 0..2 {
-            let mut env = env.to_vec();
-            env.push(("REPLICA_ID", format!("replica-{i}")));
-            gateways.push(Service::start("gateway", "GATEWAY_ADDR", &env).await);
-        }
-        let upstreams: Vec<&str> = gateways.iter().map(|g| g.addr.as_str()).collect();
-        let nginx = Nginx::start(&upstreams, &publisher.addr).await;
         Self {
-            _redis: redis,
-            publisher,
-            gateways,
-            nginx,
+            services: process::Deployment::start(2, &env).await,
             http: reqwest::Client::new(),
         }
     }

@@ -22,6 +22,8 @@ use prometheus_client::{
     registry::Registry,
 };
 
+use eventgate_broker::serve::METRICS_CONTENT_TYPE;
+
 use crate::{GatewayState, hub::Stats, limits::Admission};
 
 /// Why a stream ended: a small fixed set, for the `reason` label.
@@ -303,14 +305,17 @@ pub fn registry(state: &Arc<GatewayState>) -> Registry {
 
 /// Encodes `registry` as Prometheus text (OpenMetrics).
 pub fn render(registry: &Registry) -> Response {
-    let mut body = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, registry) {
-        return crate::error::ApiError::Internal(format!("encoding metrics: {e}")).into_response();
+    match eventgate_broker::serve::encode_metrics(registry) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(METRICS_CONTENT_TYPE),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            crate::error::ApiError::Internal(format!("encoding metrics: {e}")).into_response()
+        }
     }
-    let mut response = body.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    response
 }

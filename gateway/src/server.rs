@@ -60,15 +60,7 @@ pub async fn serve(
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                // Out of file descriptors and the like: back off instead of spinning.
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = eventgate_broker::serve::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         let (state, app) = (state.clone(), app.clone());

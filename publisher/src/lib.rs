@@ -141,14 +141,7 @@ pub async fn run(
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = eventgate_broker::serve::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         let service = tower::ServiceBuilder::new()

@@ -20,6 +20,8 @@ use prometheus_client::{
 };
 use std::sync::Arc;
 
+use eventgate_broker::serve;
+
 use crate::PublisherState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,14 +111,17 @@ pub async fn track(
 
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<Arc<PublisherState>>) -> Response {
-    let mut body = String::new();
-    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &state.metrics.registry) {
-        return crate::error::ApiError::Internal(format!("encoding metrics: {e}")).into_response();
+    match serve::encode_metrics(&state.metrics.registry) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(serve::METRICS_CONTENT_TYPE),
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => {
+            crate::error::ApiError::Internal(format!("encoding metrics: {e}")).into_response()
+        }
     }
-    let mut response = body.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    response
 }

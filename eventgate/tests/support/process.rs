@@ -49,7 +49,15 @@ impl Service {
                 .is_ok_and(|r| r.status() == 200)
         })
         .await;
-        assert!(ready, "eventgate {} never became ready", self.subcommand);
+        let last = match http.get(&readyz).send().await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            ready,
+            "eventgate {} never became ready: {last}",
+            self.subcommand
+        );
     }
 
     /// SIGTERM, and waits for the process to finish its drain and exit.
@@ -184,5 +192,40 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+    }
+}
+
+/// Redis, a publisher and `replicas` gateways as processes, with nginx (the repo's config) in
+/// front; every service gets `env` (nginx is a trusted proxy) and its replica id.
+pub struct Deployment {
+    pub redis: super::RedisServer,
+    pub publisher: Service,
+    pub gateways: Vec<Service>,
+    pub nginx: Nginx,
+}
+
+impl Deployment {
+    pub async fn start(replicas: usize, env: &[(&str, &str)]) -> Self {
+        let _ = rlimit::increase_nofile_limit(u64::MAX);
+        let redis = super::RedisServer::start().await;
+        let mut env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
+        env.push(("REDIS_URL", redis.url()));
+        // nginx runs on this machine: its X-Forwarded-For names the client.
+        env.push(("TRUSTED_PROXIES", "127.0.0.1/32".to_owned()));
+        let publisher = Service::start("publisher", "PUBLISHER_ADDR", &env).await;
+        let mut gateways = Vec::new();
+        for i in 0..replicas {
+            let mut env = env.clone();
+            env.push(("REPLICA_ID", format!("replica-{i}")));
+            gateways.push(Service::start("gateway", "GATEWAY_ADDR", &env).await);
+        }
+        let upstreams: Vec<&str> = gateways.iter().map(|g| g.addr.as_str()).collect();
+        let nginx = Nginx::start(&upstreams, &publisher.addr).await;
+        Self {
+            redis,
+            publisher,
+            gateways,
+            nginx,
+        }
     }
 }
