@@ -99,7 +99,7 @@ pub fn app(state: Arc<PublisherState>) -> Router {
 }
 
 /// Runs the publisher on `listener` until `shutdown` is cancelled; in-flight requests finish
-/// within `SHUTDOWN_TIMEOUT`.
+/// within `DRAIN_TIMEOUT` of it (after `DRAIN_GRACE`, during which new requests get 503).
 pub async fn run(
     config: PublisherConfig,
     broker: Broker,
