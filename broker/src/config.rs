@@ -29,10 +29,44 @@ pub fn parse_duration_at_most(
 /// Broker settings. Every field is an environment variable and a command-line flag.
 #[derive(clap::Args, Clone)]
 pub struct BrokerConfig {
-    /// Redis URL, `redis://[[user]:password@]host:port[/db]`. `gateway` and `publisher` need it;
-    /// `standalone` uses it when set and an in-memory broker otherwise.
+    /// Redis URL, `redis://[[user]:password@]host:port[/db]`. `gateway` and `publisher` need it
+    /// (or `REDIS_SENTINELS`); `standalone` uses it when set and an in-memory broker otherwise.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Redis Sentinels, comma-separated `host:port`, instead of `REDIS_URL`: both services ask
+    /// them for the master of `REDIS_SENTINEL_MASTER` and follow its failovers.
+    #[arg(long, env = "REDIS_SENTINELS", value_delimiter = ',')]
+    pub redis_sentinels: Vec<String>,
+
+    /// The master name the Sentinels monitor (`sentinel monitor <name> ...`).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// Username of the Redis master found through Sentinel (ACL); with `REDIS_URL`, put it in
+    /// the URL.
+    #[arg(long, env = "REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// Password of the Redis master found through Sentinel; with `REDIS_URL`, put it in the URL.
+    #[arg(long, env = "REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// Username for the Sentinels themselves, when they require one.
+    #[arg(long, env = "REDIS_SENTINEL_USERNAME")]
+    pub redis_sentinel_username: Option<String>,
+
+    /// Password for the Sentinels themselves (`requirepass` in sentinel.conf), when set.
+    #[arg(long, env = "REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
+    pub redis_sentinel_password: Option<String>,
+
+    /// Your Redis keeps every acknowledged write across a restart (`appendonly yes`,
+    /// `appendfsync always`): a restart of the same server then does not reset clients. Off,
+    /// every restart or failover counts as a possible loss (docs/resume.md). Failovers always
+    /// do.
+    #[arg(long, env = "REDIS_LOSSLESS_RESTARTS", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub redis_lossless_restarts: bool,
 
     /// Prefix of every Redis key and pub/sub channel eventgate uses.
     #[arg(long, env = "REDIS_KEY_PREFIX", default_value = "eventgate:")]
@@ -68,6 +102,13 @@ impl BrokerConfig {
     pub fn memory() -> Self {
         Self {
             redis_url: None,
+            redis_sentinels: Vec::new(),
+            redis_sentinel_master: None,
+            redis_username: None,
+            redis_password: None,
+            redis_sentinel_username: None,
+            redis_sentinel_password: None,
+            redis_lossless_restarts: false,
             redis_key_prefix: "eventgate:".into(),
             redis_timeout: Duration::from_secs(2),
             redis_pool_size: 4,
@@ -80,6 +121,49 @@ impl BrokerConfig {
     /// The Redis URL with any password replaced, for logs.
     pub fn redacted_redis_url(&self) -> Option<String> {
         self.redis_url.as_deref().map(redact_url)
+    }
+
+    /// Whether a Redis is configured (`REDIS_URL` or Sentinels).
+    pub fn uses_redis(&self) -> bool {
+        self.redis_url.is_some() || !self.redis_sentinels.is_empty()
+    }
+
+    /// Where Redis is, for logs: the URL without its password, or the Sentinels.
+    pub fn redis_description(&self) -> String {
+        match &self.redis_url {
+            Some(_) => self.redacted_redis_url().unwrap_or_default(),
+            None => format!(
+                "master {:?} of Sentinels {}",
+                self.redis_sentinel_master.as_deref().unwrap_or(""),
+                self.redis_sentinels.join(",")
+            ),
+        }
+    }
+
+    /// Checks the Redis settings fit together; the message names the settings.
+    pub fn check_redis(&self) -> Result<(), String> {
+        let sentinels = !self.redis_sentinels.is_empty();
+        if self.redis_url.is_some() && (sentinels || self.redis_sentinel_master.is_some()) {
+            return Err(
+                "set REDIS_URL or REDIS_SENTINELS with REDIS_SENTINEL_MASTER, not both".into(),
+            );
+        }
+        if sentinels != self.redis_sentinel_master.is_some() {
+            return Err("REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together".into());
+        }
+        for sentinel in &self.redis_sentinels {
+            crate::redis::parse_host_port(sentinel).map_err(|e| format!("REDIS_SENTINELS: {e}"))?;
+        }
+        if self.redis_url.is_some()
+            && (self.redis_username.is_some() || self.redis_password.is_some())
+        {
+            return Err(
+                "REDIS_USERNAME and REDIS_PASSWORD are for Sentinel setups; with REDIS_URL put \
+                 them in the URL (redis://user:password@host:port)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Granularity of the clock that tells how old a cursor is (see `docs/resume.md`): about a
@@ -105,6 +189,19 @@ impl fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerConfig")
             .field("redis_url", &self.redacted_redis_url())
+            .field("redis_sentinels", &self.redis_sentinels)
+            .field("redis_sentinel_master", &self.redis_sentinel_master)
+            .field("redis_username", &self.redis_username)
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "***"),
+            )
+            .field("redis_sentinel_username", &self.redis_sentinel_username)
+            .field(
+                "redis_sentinel_password",
+                &self.redis_sentinel_password.as_ref().map(|_| "***"),
+            )
+            .field("redis_lossless_restarts", &self.redis_lossless_restarts)
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("redis_timeout", &self.redis_timeout)
             .field("redis_pool_size", &self.redis_pool_size)

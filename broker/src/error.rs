@@ -16,7 +16,37 @@ pub enum BrokerError {
     Version { found: String },
     #[error("the live connection is closed")]
     Closed,
+    #[error("cannot find the Redis master {master:?} through the Sentinels: {source}")]
+    Sentinel {
+        master: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// Settings that do not fit together; the message names them.
+    #[error("{0}")]
+    Config(String),
+    /// Redis began a new epoch (it may have lost data) while an operation that started in the
+    /// old one was running; the operation's position is no longer valid.
+    #[error("redis may have lost data: its epoch changed during the operation")]
+    EpochChanged,
+    /// A write failed after it may have reached Redis: it may or may not have been applied.
+    #[error("{0} (the write may have been applied)")]
+    OutcomeUnknown(Box<BrokerError>),
+    /// Too much is going on to start this now; retry shortly.
+    #[error("busy: {0}")]
+    Busy(&'static str),
     /// The failure of a read that several requests shared.
     #[error("{0}")]
     Shared(Arc<BrokerError>),
+}
+
+impl BrokerError {
+    /// Whether the operation may have been applied although it failed.
+    pub fn outcome_unknown(&self) -> bool {
+        match self {
+            BrokerError::OutcomeUnknown(_) => true,
+            BrokerError::Shared(inner) => inner.outcome_unknown(),
+            _ => false,
+        }
+    }
 }

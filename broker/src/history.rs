@@ -81,6 +81,21 @@ impl GapReason {
     }
 }
 
+/// A history read: for each `(channel, after)`, a page of the events with
+/// `after < seq <= upto`.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryRead<'a> {
+    pub requests: &'a [(crate::Channel, u64)],
+    pub upto: u64,
+    /// Most events per page.
+    pub limit: usize,
+    /// Most bytes of event bodies per page; a page holds at least one event.
+    pub max_bytes: usize,
+    /// The epoch of the position `upto` came from: a broker that began another epoch since
+    /// answers [`crate::BrokerError::EpochChanged`] instead of a history that may miss events.
+    pub epoch: u64,
+}
+
 /// One channel's answer to a history read.
 #[derive(Debug, Clone)]
 pub struct ChannelPage {
@@ -88,8 +103,27 @@ pub struct ChannelPage {
     /// Every event with a `seq` above the requested cursor was published less than
     /// `HISTORY_TTL` ago, so none of them can have expired.
     pub recent: bool,
-    /// Events after the cursor, up to the requested end and count, in order.
+    /// Events after the cursor, up to the requested end and size, in order.
     pub events: Vec<Event>,
+    /// The page stopped at its size (count or bytes): more events may follow.
+    pub more: bool,
+    /// The `seq` of the last entry read, decodable or not: the next page starts after it.
+    pub through: Option<u64>,
+    /// Entries that could not be decoded (not written by eventgate), skipped.
+    pub skipped: usize,
+}
+
+impl Default for ChannelPage {
+    fn default() -> Self {
+        Self {
+            facts: StreamFacts::Missing,
+            recent: false,
+            events: Vec::new(),
+            more: false,
+            through: None,
+            skipped: 0,
+        }
+    }
 }
 
 /// Decides whether the history of one channel is complete after `after`.

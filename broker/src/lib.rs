@@ -32,7 +32,9 @@ pub use channel::{Channel, ChannelError};
 pub use config::BrokerConfig;
 pub use error::BrokerError;
 pub use event::{Accepted, Event, Outgoing};
-pub use history::{ChannelPage, GapReason, Position, Removed, StreamFacts, parse_cursor};
+pub use history::{
+    ChannelPage, GapReason, HistoryRead, Position, Removed, StreamFacts, parse_cursor,
+};
 
 use crate::{
     memory::{MemoryBroker, MemoryLiveSink, MemoryLiveStream},
@@ -47,13 +49,13 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// A Redis broker when `REDIS_URL` is set, else an in-memory one.
+    /// A Redis broker when `REDIS_URL` or `REDIS_SENTINELS` is set, else an in-memory one.
     pub async fn from_config(config: &BrokerConfig) -> Result<Self, BrokerError> {
-        match &config.redis_url {
-            Some(url) => Ok(Self::Redis(Arc::new(
-                RedisBroker::connect(url, config).await?,
-            ))),
-            None => Ok(Self::memory(config)),
+        config.check_redis().map_err(BrokerError::Config)?;
+        if config.uses_redis() {
+            Ok(Self::Redis(Arc::new(RedisBroker::connect(config).await?)))
+        } else {
+            Ok(Self::memory(config))
         }
     }
 
@@ -85,7 +87,6 @@ impl Broker {
         }
     }
 
-    /// Publishes entries atomically, in order; returns each entry's `seq`.
     /// Publishes `entries` atomically; one [`Accepted`] per entry, in order.
     pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<Accepted>, BrokerError> {
         match self {
@@ -102,17 +103,12 @@ impl Broker {
         }
     }
 
-    /// For each `(channel, after)`: up to `limit` events with `after < seq <= upto`, and the
-    /// facts needed to tell whether that history is complete.
-    pub async fn history(
-        &self,
-        requests: &[(Channel, u64)],
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<ChannelPage>, BrokerError> {
+    /// For each `(channel, after)` of `read`: a page of events with `after < seq <= upto`, and
+    /// the facts needed to tell whether that history is complete.
+    pub async fn history(&self, read: &HistoryRead<'_>) -> Result<Vec<ChannelPage>, BrokerError> {
         match self {
-            Broker::Memory(m) => Ok(m.history(requests, upto, limit)),
-            Broker::Redis(r) => r.history(requests, upto, limit).await,
+            Broker::Memory(m) => m.history(read),
+            Broker::Redis(r) => r.history(read).await,
         }
     }
 
@@ -170,8 +166,9 @@ impl Broker {
 pub enum LiveMessage {
     /// An event on a subscribed channel.
     Event(Event),
-    /// Every event with a `seq` up to this one, on subscribed channels, came before.
-    Marker(u64),
+    /// Every event with a `seq` up to this one, on subscribed channels, came before; and the
+    /// broker's epoch.
+    Marker(Position),
     /// Something on the connection that is not ours; logged and skipped.
     Malformed(String),
 }

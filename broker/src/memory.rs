@@ -13,8 +13,8 @@ use futures::Stream;
 use tokio::{sync::mpsc, time::Instant};
 
 use crate::{
-    Accepted, BrokerConfig, Channel, ChannelPage, Event, LiveMessage, Outgoing, Position, Removed,
-    StreamFacts, config::CLOCK_KEEP,
+    Accepted, BrokerConfig, BrokerError, Channel, ChannelPage, Event, HistoryRead, LiveMessage,
+    Outgoing, Position, Removed, StreamFacts, config::CLOCK_KEEP,
 };
 
 /// An in-process broker. Cheap to share: wrap it in an `Arc`.
@@ -202,15 +202,14 @@ impl MemoryBroker {
         }
     }
 
-    pub fn history(
-        &self,
-        requests: &[(Channel, u64)],
-        upto: u64,
-        limit: usize,
-    ) -> Vec<ChannelPage> {
+    pub fn history(&self, read: &HistoryRead<'_>) -> Result<Vec<ChannelPage>, BrokerError> {
         let state = self.lock();
+        if state.epoch != read.epoch {
+            return Err(BrokerError::EpochChanged);
+        }
         let now = Instant::now();
-        requests
+        let pages = read
+            .requests
             .iter()
             .map(|(channel, after)| {
                 let recent = state
@@ -223,17 +222,25 @@ impl MemoryBroker {
                     return ChannelPage {
                         facts: StreamFacts::Missing,
                         recent,
-                        events: Vec::new(),
+                        ..ChannelPage::default()
                     };
                 };
                 let start = log.entries.partition_point(|e| e.seq <= *after);
-                let events = log
+                let (mut events, mut bytes, mut more) = (Vec::new(), 0, false);
+                for event in log
                     .entries
                     .range(start..)
-                    .take_while(|e| e.seq <= upto)
-                    .take(limit)
-                    .cloned()
-                    .collect();
+                    .take_while(|e| e.seq <= read.upto)
+                {
+                    let full = events.len() >= read.limit.max(1)
+                        || (!events.is_empty() && bytes + event.body.len() > read.max_bytes);
+                    if full {
+                        more = true;
+                        break;
+                    }
+                    bytes += event.body.len();
+                    events.push(event.clone());
+                }
                 let removed = match log.removed_upto {
                     0 => Removed::Nothing,
                     upto => Removed::Upto(upto),
@@ -244,10 +251,14 @@ impl MemoryBroker {
                         removed,
                     },
                     recent,
+                    through: events.last().map(|e: &Event| e.seq),
                     events,
+                    more,
+                    skipped: 0,
                 }
             })
-            .collect()
+            .collect();
+        Ok(pages)
     }
 
     /// Opens a live connection for `replica`; its messages arrive in publish order.
@@ -283,7 +294,11 @@ impl MemoryBroker {
         let state = self.lock();
         let mut delivered = false;
         for conn in state.live.values().filter(|c| c.replica == replica) {
-            delivered |= conn.tx.send(LiveMessage::Marker(state.seq)).is_ok();
+            let position = Position {
+                epoch: state.epoch,
+                seq: state.seq,
+            };
+            delivered |= conn.tx.send(LiveMessage::Marker(position)).is_ok();
         }
         delivered
     }
@@ -369,6 +384,19 @@ mod tests {
         }
     }
 
+    /// One page per request, with no size limit but `limit` events.
+    fn read(broker: &MemoryBroker, channel: &str, after: u64, limit: usize) -> ChannelPage {
+        let requests = [(Channel::parse(channel).unwrap(), after)];
+        let read = HistoryRead {
+            requests: &requests,
+            upto: u64::MAX,
+            limit,
+            max_bytes: usize::MAX,
+            epoch: broker.position().epoch,
+        };
+        broker.history(&read).unwrap().remove(0)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn expired_history_is_gone_and_old_cursors_are_not_recent() {
         let mut config = BrokerConfig::memory();
@@ -376,14 +404,13 @@ mod tests {
         let broker = MemoryBroker::new(&config);
         let start = broker.position().seq;
         let seqs = broker.publish(&[outgoing("a")]);
-        let orders = Channel::parse("a").unwrap();
 
-        let page = &broker.history(&[(orders.clone(), start)], u64::MAX, 10)[0];
+        let page = read(&broker, "a", start, 10);
         assert_eq!(page.events.len(), 1);
         assert!(page.recent);
 
         tokio::time::advance(Duration::from_secs(11)).await;
-        let page = &broker.history(&[(orders, start)], u64::MAX, 10)[0];
+        let page = read(&broker, "a", start, 10);
         assert_eq!(page.facts, StreamFacts::Missing);
         assert!(!page.recent, "a cursor older than the TTL is not recent");
         assert_eq!(seqs[0].seq, start + 1);
@@ -402,7 +429,7 @@ mod tests {
             outgoing("a"),
         ]);
         let seqs: Vec<u64> = seqs.iter().map(|a| a.seq).collect();
-        let page = &broker.history(&[(Channel::parse("a").unwrap(), 0)], u64::MAX, 10)[0];
+        let page = read(&broker, "a", 0, 10);
         let kept: Vec<u64> = page.events.iter().map(|e| e.seq).collect();
         assert_eq!(kept, vec![seqs[1], seqs[3], seqs[4]]);
         assert_eq!(
@@ -412,5 +439,32 @@ mod tests {
                 removed: Removed::Upto(seqs[0])
             }
         );
+    }
+
+    #[test]
+    fn pages_stop_at_their_byte_budget_but_hold_one_event() {
+        let broker = MemoryBroker::new(&BrokerConfig::memory());
+        let start = broker.position().seq;
+        broker.publish(&[outgoing("a"), outgoing("a"), outgoing("a")]);
+        let size = outgoing("a").body.len();
+        let requests = [(Channel::parse("a").unwrap(), start)];
+        let mut read = HistoryRead {
+            requests: &requests,
+            upto: u64::MAX,
+            limit: 10,
+            max_bytes: 2 * size,
+            epoch: broker.position().epoch,
+        };
+        let page = broker.history(&read).unwrap().remove(0);
+        assert_eq!((page.events.len(), page.more), (2, true));
+        assert_eq!(page.through, Some(start + 2));
+        read.max_bytes = 1;
+        let page = broker.history(&read).unwrap().remove(0);
+        assert_eq!((page.events.len(), page.more), (1, true));
+        read.epoch += 1;
+        assert!(matches!(
+            broker.history(&read),
+            Err(BrokerError::EpochChanged)
+        ));
     }
 }

@@ -364,6 +364,9 @@ fn standalone_keys(args: &mut StandaloneArgs) -> Result<Generated, Failure> {
 
 async fn standalone(mut args: StandaloneArgs, shutdown: CancellationToken) -> Result<(), Failure> {
     let generated = standalone_keys(&mut args)?;
+    args.broker
+        .check_redis()
+        .map_err(|e| Failure(EX_USAGE, anyhow::anyhow!(e)))?;
     let verifier = Verifier::new(&args.auth).map_err(usage)?;
     let publisher_auth = PublisherAuth::from_config(&args.publisher, &args.auth).map_err(usage)?;
     let broker = Broker::from_config(&args.broker)
@@ -374,12 +377,10 @@ async fn standalone(mut args: StandaloneArgs, shutdown: CancellationToken) -> Re
     let publisher_listener = bind(args.publisher.publisher_addr, "publisher").await?;
     let gateway_url = url_of(&gateway_listener);
     let publisher_url = url_of(&publisher_listener);
-    let where_ = match &args.broker.redis_url {
-        Some(_) => format!(
-            "Redis at {}",
-            args.broker.redacted_redis_url().unwrap_or_default()
-        ),
-        None => "in-memory broker".to_owned(),
+    let where_ = if args.broker.uses_redis() {
+        format!("Redis at {}", args.broker.redis_description())
+    } else {
+        "in-memory broker".to_owned()
     };
     println!("eventgate standalone ({where_})");
     println!("  gateway    {gateway_url}");
@@ -439,15 +440,19 @@ fn print_quick_start(generated: &Generated, gateway_url: &str, publisher_url: &s
 }
 
 async fn connect_redis(config: &BrokerConfig, role: &str) -> Result<Broker, Failure> {
-    if config.redis_url.is_none() {
+    if !config.uses_redis() {
         return Err(Failure(
             EX_USAGE,
             anyhow::anyhow!(
-                "`eventgate {role}` needs Redis: set REDIS_URL (for example redis://127.0.0.1:6379), \
-                 or run `eventgate standalone` to try eventgate without Redis"
+                "`eventgate {role}` needs Redis: set REDIS_URL (for example redis://127.0.0.1:6379) \
+                 or REDIS_SENTINELS and REDIS_SENTINEL_MASTER, or run `eventgate standalone` to \
+                 try eventgate without Redis"
             ),
         ));
     }
+    config
+        .check_redis()
+        .map_err(|e| Failure(EX_USAGE, anyhow::anyhow!(e)))?;
     Broker::from_config(config)
         .await
         .with_context(|| redis_context(config))
@@ -455,10 +460,7 @@ async fn connect_redis(config: &BrokerConfig, role: &str) -> Result<Broker, Fail
 }
 
 fn redis_context(config: &BrokerConfig) -> String {
-    format!(
-        "cannot use Redis at {}",
-        config.redacted_redis_url().unwrap_or_default()
-    )
+    format!("cannot use Redis at {}", config.redis_description())
 }
 
 /// Pending connections the kernel queues for us (capped by `net.core.somaxconn`). Tokio's

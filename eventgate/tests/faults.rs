@@ -6,37 +6,20 @@
 mod support;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    net::SocketAddr,
     time::{Duration, Instant},
 };
 
-use futures::{SinkExt, StreamExt};
-use support::{process::Deployment, *};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpSocket, TcpStream},
-    sync::watch,
+use support::{
+    fleet::{Publishing, source, sse_client, ws_client},
+    process::Deployment,
+    *,
 };
-use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+use tokio::sync::watch;
 
 const SSE_CLIENTS: u32 = 500;
 const WS_CLIENTS: u32 = 500;
 const RATE: u64 = 200;
-
-/// Client `i`'s own address (127.1.x.y): each client is its own IP for the rate limiter.
-fn source(i: u32) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8))
-}
-
-async fn connect_from(source: IpAddr, to: SocketAddr) -> Option<TcpStream> {
-    let socket = TcpSocket::new_v4().ok()?;
-    socket.bind((source, 0).into()).ok()?;
-    socket.connect(to).await.ok()
-}
 
 async fn start() -> Deployment {
     Deployment::start(
@@ -61,153 +44,6 @@ fn nginx_addr(deployment: &Deployment) -> SocketAddr {
         .expect("addr")
 }
 
-/// What a client saw.
-struct Outcome {
-    ids: Vec<u64>,
-    connects: u32,
-}
-
-/// An SSE client through nginx (HTTP/1.0: the body is the raw stream), reconnecting with
-/// `Last-Event-ID` like `EventSource`, until it has seen the event `last` says is final.
-async fn sse_client(i: u32, nginx: SocketAddr, mut last: watch::Receiver<Option<u64>>) -> Outcome {
-    let token = token_for(&format!("sse-{i}"), &["f"], Duration::from_secs(600));
-    let (mut ids, mut connects, mut cursor) = (Vec::new(), 0, None::<String>);
-    loop {
-        if (*last.borrow()).is_some_and(|l| ids.last() == Some(&l)) {
-            return Outcome { ids, connects };
-        }
-        connects += 1;
-        let Some(mut stream) = connect_from(source(i), nginx).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let resume = cursor
-            .as_deref()
-            .map(|c| format!("last-event-id: {c}\r\n"))
-            .unwrap_or_default();
-        let request = format!(
-            "GET /v1/events?channel=f HTTP/1.0\r\nhost: x\r\nauthorization: Bearer {token}\r\n{resume}\r\n"
-        );
-        if stream.write_all(request.as_bytes()).await.is_err() {
-            continue;
-        }
-        let (mut text, mut buf) = (String::new(), vec![0u8; 32 * 1024]);
-        let (mut id, mut data, mut ok) = (None::<String>, false, false);
-        'read: loop {
-            let read = tokio::select! {
-                read = stream.read(&mut buf) => read,
-                _ = last.changed() => continue 'read,
-            };
-            let n = match read {
-                Ok(0) | Err(_) => break,
-                Ok(n) => n,
-            };
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            while let Some(end) = text.find('\n') {
-                let line: String = text.drain(..=end).collect();
-                let line = line.trim_end_matches(['\r', '\n']);
-                if line.starts_with("HTTP/") {
-                    ok = line.contains(" 200 ");
-                    if !ok {
-                        break 'read;
-                    }
-                } else if !ok {
-                    continue;
-                } else if let Some(v) = line.strip_prefix("id: ") {
-                    id = Some(v.to_owned());
-                } else if line.starts_with("data: ") {
-                    data = true;
-                } else if line.is_empty() {
-                    if let Some(v) = id.take() {
-                        if data {
-                            ids.push(v.parse().expect("numeric id"));
-                        }
-                        cursor = Some(v);
-                    }
-                    data = false;
-                }
-            }
-            if (*last.borrow()).is_some_and(|l| ids.last() == Some(&l)) {
-                return Outcome { ids, connects };
-            }
-        }
-        // A browser waits `retry:`; a short pause is enough here.
-        tokio::time::sleep(Duration::from_millis(50 + u64::from(i % 200))).await;
-    }
-}
-
-/// A WebSocket client through nginx, resubscribing with `since` after every disconnect.
-async fn ws_client(i: u32, nginx: SocketAddr, mut last: watch::Receiver<Option<u64>>) -> Outcome {
-    let token = token_for(&format!("ws-{i}"), &["f"], Duration::from_secs(600));
-    let (mut ids, mut connects, mut since) = (Vec::new(), 0, None::<String>);
-    let source = source(SSE_CLIENTS + i);
-    loop {
-        if (*last.borrow()).is_some_and(|l| ids.last() == Some(&l)) {
-            return Outcome { ids, connects };
-        }
-        connects += 1;
-        let Some(tcp) = connect_from(source, nginx).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut request = format!("ws://{nginx}/v1/ws")
-            .into_client_request()
-            .expect("request");
-        request.headers_mut().insert(
-            "authorization",
-            format!("Bearer {token}").parse().expect("header"),
-        );
-        let Ok((mut ws, _)) = tokio_tungstenite::client_async(request, tcp).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut subscribe = serde_json::json!({"type": "subscribe", "channel": "f"});
-        if let Some(since) = &since {
-            subscribe["since"] = serde_json::json!(since);
-        }
-        if ws
-            .send(Message::Text(subscribe.to_string().into()))
-            .await
-            .is_err()
-        {
-            continue;
-        }
-        loop {
-            let message = tokio::select! {
-                message = ws.next() => message,
-                _ = last.changed() => {
-                    if (*last.borrow()).is_some_and(|l| ids.last() == Some(&l)) {
-                        return Outcome { ids, connects };
-                    }
-                    continue;
-                }
-            };
-            let Some(Ok(Message::Text(text))) = message else {
-                if matches!(message, Some(Ok(_))) {
-                    continue;
-                }
-                break;
-            };
-            let value: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-            match value["type"].as_str() {
-                Some("event") => {
-                    let id = event_id(&value);
-                    ids.push(id);
-                    since = Some(id.to_string());
-                }
-                Some("subscribed") if since.is_none() => {
-                    since = value["position"].as_str().map(str::to_owned);
-                }
-                _ => {}
-            }
-            if (*last.borrow()).is_some_and(|l| ids.last() == Some(&l)) {
-                return Outcome { ids, connects };
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50 + u64::from(i % 200))).await;
-    }
-}
-
 /// Runs the clients and a 200 events/s publisher around `fault`; checks every client got every
 /// event exactly once, in order; prints the summary.
 async fn run_with_fault<F, Fut>(name: &str, fault: F)
@@ -223,10 +59,12 @@ where
     let (last_tx, last) = watch::channel(None);
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..SSE_CLIENTS {
-        clients.spawn(sse_client(i, nginx, last.clone()));
+        let user = format!("sse-{i}");
+        clients.spawn(sse_client(user, source(i), nginx, "f", last.clone()));
     }
     for i in 0..WS_CLIENTS {
-        clients.spawn(ws_client(i, nginx, last.clone()));
+        let (user, from) = (format!("ws-{i}"), source(SSE_CLIENTS + i));
+        clients.spawn(ws_client(user, from, nginx, "f", last.clone()));
     }
     // Everyone is connected before the first event.
     let http = reqwest::Client::new();
@@ -249,52 +87,13 @@ where
     .await;
     assert!(connected, "{name}: clients did not all connect");
 
-    let publishing = Arc::new(AtomicBool::new(true));
-    let publisher_url = format!("{}/v1/publish", deployment.publisher.url);
-    let publisher = {
-        let publishing = publishing.clone();
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let mut sends = tokio::task::JoinSet::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
-            let mut n = 0u64;
-            while publishing.load(Ordering::Relaxed) {
-                tick.tick().await;
-                n += 1;
-                let (http, url) = (http.clone(), publisher_url.clone());
-                // Each event retried with its idempotency key until accepted: published once.
-                sends.spawn(async move {
-                    loop {
-                        let answer = http
-                            .post(&url)
-                            .bearer_auth(TEST_PUBLISHER_KEY)
-                            .header("idempotency-key", format!("e-{n}"))
-                            .json(&serde_json::json!({"channel": "f", "data": n}))
-                            .send()
-                            .await;
-                        if let Ok(r) = answer
-                            && r.status() == reqwest::StatusCode::ACCEPTED
-                            && let Ok(json) = r.json::<serde_json::Value>().await
-                        {
-                            return published(&json)[0].1;
-                        }
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                });
-            }
-            let mut ids = sends.join_all().await;
-            // Clients get them in the order Redis numbered them.
-            ids.sort_unstable();
-            ids
-        })
-    };
+    let publishing = Publishing::start(&deployment.publisher.url, "f", RATE);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let fault_started = Instant::now();
     let deployment = fault(deployment).await;
     let fault_took = fault_started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    publishing.store(false, Ordering::Relaxed);
-    let ids = publisher.await.expect("publisher task");
+    let ids = publishing.stop().await;
     let recovering = Instant::now();
     last_tx.send(ids.last().copied()).expect("clients listen");
     let mut outcomes = Vec::new();
@@ -313,9 +112,13 @@ where
     );
     let (mut lost, mut duplicated, mut reconnected) = (0usize, 0usize, 0usize);
     for outcome in &outcomes {
-        let mut seen = std::collections::HashSet::new();
-        duplicated += outcome.ids.iter().filter(|id| !seen.insert(**id)).count();
-        lost += ids.iter().filter(|id| !seen.contains(id)).count();
+        assert!(
+            outcome.resets.is_empty(),
+            "{name}: no reset: {:?}",
+            outcome.resets
+        );
+        duplicated += outcome.duplicated();
+        lost += outcome.lost(&ids);
         reconnected += usize::from(outcome.connects > 1);
     }
     println!(

@@ -125,6 +125,8 @@ async fn redis_restart_with_persistence_loses_nothing_for_connected_clients() {
         ..Options::default()
     };
     options.broker.redis_timeout = Duration::from_secs(1);
+    // fsync-always AOF on one server: a restart keeps every write, and the operator says so.
+    options.broker.redis_lossless_restarts = true;
     let mut stack = Stack::start_with(Backend::Redis, options).await;
     let mut clients = vec![
         stack.subscribe("channel=orders").await,
@@ -340,4 +342,205 @@ async fn a_counter_set_back_by_hand_never_breaks_a_batch() {
         .query(&["XLEN", "eventgate:stream:orders"])
         .await;
     assert_eq!(length, 4);
+}
+
+/// The scenario of a Redis that restarts from an old snapshot (RDB only, `SHUTDOWN NOSAVE` or a
+/// crash after the last `SAVE`): the counter goes back, and the lost ids must never be handed
+/// out again, nor may any client silently miss events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restored_from_an_old_snapshot_never_reuses_ids_and_resets_clients() {
+    let mut options = Options::default();
+    options.broker.redis_timeout = Duration::from_secs(1);
+    let mut stack = Stack::start_with(Backend::Redis, options).await;
+    let mut connected = stack.subscribe("channel=c&channel=d").await;
+
+    let mut answered: Vec<u64> = vec![stack.publish_one("c", json!(0)).await];
+    let saved = answered[0];
+    let _: String = stack.redis().query(&["SAVE"]).await;
+    for n in 1..=5 {
+        answered.push(stack.publish_one("c", json!(n)).await);
+    }
+    let x = *answered.last().expect("ids");
+    assert_eq!(ids_of(&mut connected, 6).await, answered);
+
+    // Like `redis-cli SHUTDOWN NOSAVE`: the five events after the snapshot are gone.
+    let redis = stack.redis.as_mut().expect("redis");
+    redis.kill().await;
+    redis.restart().await;
+    let restored: Vec<String> = stack
+        .redis()
+        .query::<Vec<(String, Vec<String>)>>(&["XRANGE", "eventgate:stream:c", "-", "+"])
+        .await
+        .into_iter()
+        .map(|(id, _): (String, Vec<String>)| id)
+        .collect();
+    assert_eq!(
+        restored,
+        [format!("{saved}-0")],
+        "the snapshot holds one event"
+    );
+    assert!(stack.wait_ready(0, SOON).await, "the gateway reconnects");
+
+    let mut after = Vec::new();
+    for n in 6..13 {
+        after.push(publish_retrying(&stack, "c", n).await);
+    }
+    let mut all = answered.clone();
+    all.extend(&after);
+    let distinct: std::collections::HashSet<u64> = all.iter().copied().collect();
+    assert_eq!(distinct.len(), all.len(), "an id named two events: {all:?}");
+    assert!(
+        after[0] > x,
+        "new ids start above every id handed out: {x} then {after:?}"
+    );
+
+    // The connected client is told before the new events, with its new position.
+    let reset = connected.next_event(SOON).await.expect("reset");
+    assert_eq!(reset.event.as_deref(), Some("reset"), "{:?}", reset.block);
+    assert_eq!(
+        reset.envelope,
+        json!({"channels": ["c", "d"], "reason": "data_lost"})
+    );
+    assert!(
+        reset.id < after[0] && reset.id > x,
+        "{} then {after:?}",
+        reset.id
+    );
+    assert_eq!(
+        ids_of(&mut connected, 7).await,
+        after,
+        "then exactly the new events"
+    );
+
+    // Clients that were away resume from before and from inside the lost range.
+    for cursor in [saved, x] {
+        let mut back = stack
+            .subscribe_at(0, "channel=c", Some(&cursor.to_string()))
+            .await;
+        let reset = back.next_event(SOON).await.expect("reset");
+        assert_eq!(
+            (reset.event.as_deref(), &reset.envelope),
+            (
+                Some("reset"),
+                &json!({"channels": ["c"], "reason": "unknown_position"})
+            ),
+            "a cursor from before the loss ({cursor})"
+        );
+        let next = stack.publish_one("c", json!("next")).await;
+        assert_eq!(ids_of(&mut back, 1).await, [next]);
+        assert_eq!(ids_of(&mut connected, 1).await, [next]);
+    }
+}
+
+/// Publishes one event, retrying while the publisher reconnects; returns its id.
+async fn publish_retrying(stack: &Stack, channel: &str, n: u64) -> u64 {
+    let deadline = Instant::now() + SOON;
+    loop {
+        let body = json!({"channel": channel, "data": n}).to_string();
+        let (status, answer) = stack.post_publish(body, "application/json").await;
+        if status == StatusCode::ACCEPTED {
+            return support::published(&answer)[0].1;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "publishing never recovered: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A publish that was sent but not answered may have been applied: the publisher says the
+/// outcome is unknown (never "nothing was published"), and a retry with the same key answers
+/// the original ids once Redis runs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_a_frozen_redis_has_an_unknown_outcome_and_retries_safely() {
+    let mut options = Options::default();
+    options.broker.redis_timeout = Duration::from_secs(1);
+    let stack = Stack::start_with(Backend::Redis, options).await;
+    let mut client = stack.subscribe("channel=c").await;
+    let pid = stack.redis().pid().expect("pid").to_string();
+    let signal = |s: &str| {
+        std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .expect("kill")
+    };
+    let publish = |key: Option<&'static str>, n: u64| {
+        let request = stack
+            .http
+            .post(format!("{}/v1/publish", stack.publisher.url))
+            .bearer_auth(TEST_PUBLISHER_KEY)
+            .json(&json!({"channel": "c", "data": n}));
+        let request = match key {
+            Some(key) => request.header("idempotency-key", key),
+            None => request,
+        };
+        async move {
+            let response = request.send().await.expect("publish");
+            let (status, headers) = (response.status(), response.headers().clone());
+            (
+                status,
+                headers,
+                response.json::<serde_json::Value>().await.expect("JSON"),
+            )
+        }
+    };
+
+    signal("-STOP");
+    let (status, headers, body) = publish(None, 1).await;
+    let (keyed_status, _, keyed) = publish(Some("order-7"), 2).await;
+    signal("-CONT");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "outcome_unknown", "{body}");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("Idempotency-Key") && !message.contains("nothing was published"),
+        "{message}"
+    );
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(
+        (keyed_status, &keyed["error"]["code"]),
+        (StatusCode::SERVICE_UNAVAILABLE, &json!("outcome_unknown"))
+    );
+
+    // Redis ran both once it woke up; the keyed retry gets the first call's id.
+    let delivered = ids_of(&mut client, 2).await;
+    let (status, headers, retried) = publish(Some("order-7"), 2).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{retried}");
+    assert_eq!(headers["idempotent-replayed"], "true");
+    let id = support::published(&retried)[0].1;
+    assert!(delivered.contains(&id), "{id} is one of {delivered:?}");
+    let length: u64 = stack.redis().query(&["XLEN", "eventgate:stream:c"]).await;
+    assert_eq!(length, 2, "each publish applied once");
+    let quiet = client.next_event(Duration::from_millis(500)).await;
+    assert!(quiet.is_err(), "nothing more: {quiet:?}");
+}
+
+/// Entries eventgate did not write (or that are damaged) are skipped and counted, never read
+/// again and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_history_entries_are_skipped_and_counted() {
+    let stack = Stack::start(Backend::Redis).await;
+    let start = stack.subscribe("channel=c").await;
+    let cursor = start.last_id.clone().expect("position");
+    drop(start);
+    let first = stack.publish_one("c", json!(1)).await;
+    let redis = stack.redis();
+    let no_body = format!("{}-0", first + 1);
+    let not_json = format!("{}-0", first + 2);
+    let _: String = redis
+        .query(&["XADD", "eventgate:stream:c", &no_body, "x", "1"])
+        .await;
+    let _: String = redis
+        .query(&["XADD", "eventgate:stream:c", &not_json, "p", "{oops"])
+        .await;
+    let _: () = redis
+        .query(&["SET", "eventgate:seq", &(first + 2).to_string()])
+        .await;
+    let last = stack.publish_one("c", json!(2)).await;
+
+    let mut back = stack.subscribe_at(0, "channel=c", Some(&cursor)).await;
+    assert_eq!(ids_of(&mut back, 2).await, [first, last]);
+    let stats = stack.stats(0).await;
+    assert_eq!(stats["history_entries_skipped"], 2, "{stats}");
 }

@@ -80,6 +80,18 @@ pub struct GatewayConfig {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub replay_page_size: u32,
 
+    /// Bytes of history all replays of this replica and its page cache hold at most. Replays
+    /// that do not fit wait (up to 10 s, then 503).
+    #[arg(long, env = "REPLAY_MEMORY_BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024 * 1024..))]
+    pub replay_memory_bytes: u64,
+
+    /// Bytes of history one replay holds at most, all its channels together (plus at most one
+    /// event per channel): a client resuming 64 channels reads small pages of each.
+    #[arg(long, env = "REPLAY_CONNECTION_BYTES", default_value_t = 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(16 * 1024..))]
+    pub replay_connection_bytes: u64,
+
     /// `TRUSTED_PROXIES` (see [`eventgate_broker::limits::EdgeConfig`], shared with the publisher).
     #[arg(skip = TrustedProxies::default())]
     pub trusted_proxies: TrustedProxies,
@@ -154,6 +166,8 @@ impl Default for GatewayConfig {
             allow_query_token: false,
             ticket_ttl: Duration::from_secs(30),
             replay_page_size: 500,
+            replay_memory_bytes: 256 * 1024 * 1024,
+            replay_connection_bytes: 1024 * 1024,
             shutdown_timeout: Duration::from_secs(15),
             drain_grace: Duration::from_secs(5),
             trusted_proxies: TrustedProxies::default(),

@@ -27,6 +27,12 @@ impl Frame {
         })
     }
 
+    /// Heap bytes this frame holds: the body and its SSE and WebSocket forms.
+    pub fn heap_bytes(&self) -> usize {
+        let ws = self.ws.get().map_or(0, |text| text.len());
+        self.event.body.len() + self.sse.len() + ws
+    }
+
     pub fn seq(&self) -> u64 {
         self.event.seq
     }

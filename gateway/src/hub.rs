@@ -186,6 +186,8 @@ pub struct Stats {
     pub resets_sent: AtomicU64,
     pub live_reconnects: AtomicU64,
     pub malformed_messages: AtomicU64,
+    /// History entries that could not be decoded, skipped in replays.
+    pub history_entries_skipped: AtomicU64,
 }
 
 impl Stats {

@@ -112,7 +112,13 @@ impl Gateway {
         let history = Arc::new(replay::HistoryCache::new(
             broker.clone(),
             config.replay_page_size as usize,
+            replay::ReplayBudget {
+                replica_bytes: config.replay_memory_bytes as usize,
+                connection_bytes: config.replay_connection_bytes as usize,
+            },
+            stats.clone(),
         ));
+        tasks.spawn(sweep_history(history.clone(), shutdown.clone()));
         let live = live::spawn(
             hub.clone(),
             broker.clone(),
@@ -178,6 +184,18 @@ impl Gateway {
         self.state.hub.close_all(hub::CloseReason::Shutdown);
         self.tasks.shutdown().await;
         result
+    }
+}
+
+/// Frees expired history pages every second, whether or not replays are running.
+async fn sweep_history(history: Arc<replay::HistoryCache>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => history.sweep(),
+        }
     }
 }
 
@@ -398,6 +416,8 @@ async fn stats(State(state): State<Arc<GatewayState>>) -> Json<serde_json::Value
         "resets_sent": get(&s.resets_sent),
         "live_reconnects": get(&s.live_reconnects),
         "malformed_messages": get(&s.malformed_messages),
+        "history_entries_skipped": get(&s.history_entries_skipped),
+        "replay_cache_bytes": state.history.cached_bytes(),
         "rate_limit_keys": state.admission.rate_limit_keys(),
         "refused": {
             "connect_rate": get(&state.admission.refused.connect_rate),

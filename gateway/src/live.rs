@@ -237,7 +237,7 @@ impl LiveTask {
                 Stats::add(&self.stats.resets_sent, 1);
             }
             Some(seen) if seen.seq < position.seq => {
-                self.backfill(channels.iter().cloned(), seen.seq, position.seq)
+                self.backfill(channels.iter().cloned(), seen.seq, position)
                     .await?;
             }
             _ => {}
@@ -267,9 +267,10 @@ impl LiveTask {
         &mut self,
         channels: impl IntoIterator<Item = Channel>,
         after: u64,
-        upto: u64,
+        position: Position,
     ) -> Result<(), BrokerError> {
-        let mut replay = Replay::new(self.settings.history.clone(), channels, after, upto);
+        let upto = position.seq;
+        let mut replay = Replay::new(self.settings.history.clone(), channels, after, position);
         let mut count = 0;
         while let Some(item) = replay.next().await? {
             match item {
@@ -397,8 +398,13 @@ impl LiveTask {
                     self.dispatch(event);
                 }
             }
-            LiveMessage::Marker(seq) => {
+            LiveMessage::Marker(Position { epoch, seq }) => {
                 *last_marker = Instant::now();
+                if epoch != watermark.epoch {
+                    // A new epoch reached a connection that stayed subscribed (a demoted
+                    // primary replicating from the new one): reconnect, which resets clients.
+                    return Err(Ended::Stale("the broker began a new epoch"));
+                }
                 if seq < watermark.seq {
                     return Err(Ended::Stale("the broker's counter went backwards"));
                 }

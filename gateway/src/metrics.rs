@@ -257,6 +257,18 @@ impl Collector for GatewayCollector {
             "Live messages that could not be read.",
             get(&s.malformed_messages),
         )?;
+        counter(
+            e,
+            "history_entries_skipped",
+            "History entries that could not be decoded, skipped in replays.",
+            get(&s.history_entries_skipped),
+        )?;
+        gauge(
+            e,
+            "replay_cache_bytes",
+            "Bytes of history pages the replay cache holds.",
+            state.history.cached_bytes() as i64,
+        )?;
         refusals(e, &state.admission)?;
         gauge(
             e,

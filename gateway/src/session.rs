@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, atomic::AtomicU64};
 
-use eventgate_broker::{Channel, Position};
+use eventgate_broker::{BrokerError, Channel, Position};
 
 use crate::{
     GatewayState,
@@ -130,25 +130,40 @@ impl GatewayState {
             .ensure(channels.to_vec(), self.broker_timeout)
             .await
             .map_err(|_| ApiError::Unavailable(None))?;
-        let Position {
-            epoch,
-            seq: position,
-        } = self.positions.read().await?;
+        // A new epoch between reading the position and the history (Redis lost data, or
+        // failed over, just then) invalidates the position: read it again.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match self.start_at(channels, cursor).await {
+                Err(StartError::Broker(BrokerError::EpochChanged)) if attempts < 3 => continue,
+                Err(StartError::Broker(e)) => return Err(e.into()),
+                Err(StartError::Api(e)) => return Err(e),
+                Ok(attached) => return Ok(attached),
+            }
+        }
+    }
+
+    async fn start_at(
+        &self,
+        channels: &[Channel],
+        cursor: Option<u64>,
+    ) -> Result<Attached, StartError> {
+        let now = self.positions.read().await?;
         let start = match cursor {
             None => Start::Fresh,
             // Ahead of the counter, or from before the counter's epoch began (a Redis that lost
-            // its data, another deployment): nothing can be said about what it missed.
-            Some(cursor) if cursor > position || cursor < epoch => Start::Unknown,
+            // its data or failed over, another deployment): nothing can be said about what it
+            // missed.
+            Some(cursor) if cursor > now.seq || cursor < now.epoch => Start::Unknown,
             Some(cursor) => {
                 // The rest of the replay is read as the client takes it; this covers its start.
                 let span = tracing::debug_span!("replay", channels = channels.len(), cursor);
-                let mut replay = Replay::new(
-                    self.history.clone(),
-                    channels.iter().cloned(),
-                    cursor,
-                    position,
-                );
-                let first = tracing::Instrument::instrument(replay.next(), span).await?;
+                let mut replay =
+                    Replay::new(self.history.clone(), channels.iter().cloned(), cursor, now);
+                let first = tracing::Instrument::instrument(replay.next(), span)
+                    .await
+                    .map_err(StartError::Broker)?;
                 Start::Resume {
                     cursor,
                     replay: Box::new(replay),
@@ -156,7 +171,22 @@ impl GatewayState {
                 }
             }
         };
-        Ok(Attached { position, start })
+        Ok(Attached {
+            position: now.seq,
+            start,
+        })
+    }
+}
+
+/// Why starting failed.
+enum StartError {
+    Api(ApiError),
+    Broker(BrokerError),
+}
+
+impl From<ApiError> for StartError {
+    fn from(e: ApiError) -> Self {
+        StartError::Api(e)
     }
 }
 

@@ -325,7 +325,12 @@ impl WsConnection {
                         self.floors.insert(channel.clone(), position);
                     }
                 }
-                Some(reset_message(&channels, notice.reason))
+                let mut message = reset_json(&channels, notice.reason);
+                if let Some(position) = notice.position {
+                    // After a data loss: the `since` to resume these channels from.
+                    message["position"] = json!(position.to_string());
+                }
+                Some(Message::Text(message.to_string().into()))
             }
         }
     }
@@ -630,9 +635,12 @@ fn with_id(reply: &mut Value, id: Option<&Value>) {
     }
 }
 
+fn reset_json(channels: &[Channel], reason: GapReason) -> Value {
+    json!({"type": "reset", "channels": channels, "reason": reason.as_str()})
+}
+
 fn reset_message(channels: &[Channel], reason: GapReason) -> Message {
-    let text = json!({"type": "reset", "channels": channels, "reason": reason.as_str()});
-    Message::Text(text.to_string().into())
+    Message::Text(reset_json(channels, reason).to_string().into())
 }
 
 fn truncate(text: &str) -> String {

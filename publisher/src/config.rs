@@ -34,6 +34,17 @@ pub struct PublisherConfig {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_channels_per_event: u32,
 
+    /// Most stream entries one request writes: events times their channels. A larger request
+    /// is refused (413) before anything is written: one request cannot hold Redis for long.
+    #[arg(long, env = "MAX_PUBLISH_ENTRIES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_publish_entries: u32,
+
+    /// Most bytes one request writes to Redis: each event's stored body times its channels.
+    #[arg(long, env = "MAX_PUBLISH_BYTES", default_value_t = 32 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_publish_bytes: u64,
+
     /// API keys that may publish, comma-separated: `key`, or `key=pattern|pattern` to limit a
     /// key to channels (`orders-service-key=orders|invoice:*`). Keys are 16+ characters.
     #[arg(
@@ -98,6 +109,8 @@ impl Default for PublisherConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_batch_events: 1000,
             max_channels_per_event: 100,
+            max_publish_entries: 10_000,
+            max_publish_bytes: 32 * 1024 * 1024,
             publisher_api_keys: Vec::new(),
             publisher_api_keys_file: None,
             token_max_ttl: Duration::from_secs(24 * 3600),
@@ -121,6 +134,8 @@ impl fmt::Debug for PublisherConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_batch_events", &self.max_batch_events)
             .field("max_channels_per_event", &self.max_channels_per_event)
+            .field("max_publish_entries", &self.max_publish_entries)
+            .field("max_publish_bytes", &self.max_publish_bytes)
             .field(
                 "publisher_api_keys",
                 &format_args!("[{} redacted]", self.publisher_api_keys.len()),

@@ -8,7 +8,8 @@ use axum::{
 use eventgate_broker::{BrokerError, limits::RetryAfter};
 use serde_json::json;
 
-/// An error answered to a publishing backend. Nothing of a request that fails is published.
+/// An error answered to a publishing backend. Nothing of a request that fails is published,
+/// except that after [`ApiError::OutcomeUnknown`] it may have been, entirely.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The request is wrong; `code` is stable and documented.
@@ -50,9 +51,17 @@ pub enum ApiError {
     /// The publisher is draining (SIGTERM); nothing was published, retry (another replica).
     #[error("the publisher is shutting down; nothing was published, retry")]
     ShuttingDown,
-    /// Redis is unreachable or too slow; nothing was published, retry.
+    /// Redis is unreachable or refused the write before running it; nothing was published,
+    /// retry.
     #[error("event broker unavailable; nothing was published, retry")]
     Unavailable(#[source] BrokerError),
+    /// The write failed after it may have reached Redis (a timeout, a connection lost
+    /// mid-call): it may or may not have been published.
+    #[error(
+        "event broker failed during the publish; it may or may not have been published: retry \
+         with the same Idempotency-Key (a retry without one may publish twice)"
+    )]
+    OutcomeUnknown(#[source] BrokerError),
 }
 
 impl ApiError {
@@ -73,6 +82,7 @@ impl ApiError {
             ApiError::NotFound => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::OutcomeUnknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
             ApiError::Unauthorized { code, .. } => (StatusCode::UNAUTHORIZED, code),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::MintingDisabled => (StatusCode::NOT_IMPLEMENTED, "minting_disabled"),
@@ -86,7 +96,11 @@ impl ApiError {
 
 impl From<BrokerError> for ApiError {
     fn from(e: BrokerError) -> Self {
-        ApiError::Unavailable(e)
+        if e.outcome_unknown() {
+            ApiError::OutcomeUnknown(e)
+        } else {
+            ApiError::Unavailable(e)
+        }
     }
 }
 
@@ -96,6 +110,9 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Unavailable(cause) => {
                 tracing::warn!(error = %cause, "publish failed: broker unavailable")
+            }
+            ApiError::OutcomeUnknown(cause) => {
+                tracing::warn!(error = %cause, "publish failed after it may have been applied")
             }
             ApiError::Internal(cause) => tracing::error!(%cause, "answering 500"),
             _ => {}

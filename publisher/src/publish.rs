@@ -229,6 +229,7 @@ pub fn parse(
     };
     let batch = specs.len() > 1;
     let mut entries = Vec::new();
+    let (mut written_entries, mut written_bytes) = (0usize, 0u64);
     for (index, spec) in specs.into_iter().enumerate() {
         let at = |message: String| {
             if batch {
@@ -267,6 +268,30 @@ pub fn parse(
             Some(key) => Some(check_idempotency_key(key).map_err(|e| relabel(e, &at))?),
             None => None,
         };
+        // What the request writes to Redis, checked before anything is: one stream entry (and
+        // one live message) per event per channel.
+        written_entries += channels.len();
+        written_bytes += (channels.len() * body.len()) as u64;
+        if written_entries > config.max_publish_entries as usize {
+            return Err(ApiError::TooLarge {
+                code: "too_many_entries",
+                message: format!(
+                    "the request writes more than {} entries (events times channels, \
+                     MAX_PUBLISH_ENTRIES); nothing was published, split it",
+                    config.max_publish_entries
+                ),
+            });
+        }
+        if written_bytes > config.max_publish_bytes {
+            return Err(ApiError::TooLarge {
+                code: "publish_too_large",
+                message: format!(
+                    "the request writes more than {} bytes (event bodies times channels, \
+                     MAX_PUBLISH_BYTES); nothing was published, split it",
+                    config.max_publish_bytes
+                ),
+            });
+        }
         entries.extend(
             channels
                 .into_iter()

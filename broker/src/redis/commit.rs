@@ -62,6 +62,7 @@ impl Queue {
 /// Runs publish script calls for the broker; the task stops when this is dropped.
 pub(super) struct Committer {
     queue: Arc<Queue>,
+    call: Arc<Call>,
     task: JoinHandle<()>,
 }
 
@@ -85,15 +86,20 @@ impl Committer {
             pending: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
         });
-        let concurrency = commands.connections.len().max(1);
+        let concurrency = commands.size();
         let call = Arc::new(Call {
             commands,
-            script: Script::new(include_str!("publish.lua")),
+            script: super::script!("publish.lua"),
             keys,
             config,
         });
-        let task = tokio::spawn(run(queue.clone(), call, concurrency));
-        Self { queue, task }
+        let task = tokio::spawn(run(queue.clone(), call.clone(), concurrency));
+        Self { queue, call, task }
+    }
+
+    /// The publish script.
+    pub(super) fn script(&self) -> &Script {
+        &self.call.script
     }
 
     /// Publishes `entries` in the next script call; returns their seqs.
@@ -109,7 +115,8 @@ impl Committer {
         self.queue.wake.notify_one();
         match answer.await {
             Ok(result) => result.map_err(BrokerError::Shared),
-            Err(_) => Err(BrokerError::Closed),
+            // The call was dropped (the broker is shutting down): it may have run.
+            Err(_) => Err(BrokerError::OutcomeUnknown(Box::new(BrokerError::Closed))),
         }
     }
 }
@@ -137,17 +144,13 @@ async fn run(queue: Arc<Queue>, call: Arc<Call>, concurrency: usize) {
 async fn commit(call: Arc<Call>, batch: Vec<Pending>) {
     let entries: Vec<&Outgoing> = batch.iter().flat_map(|p| &p.entries).collect();
     let mut invocation = call.script.prepare_invoke();
-    invocation
-        .key(&call.keys.counter)
-        .key(&call.keys.epoch)
-        .key(&call.keys.clock);
+    call.keys.lineage(&mut invocation, &call.config);
     for entry in &entries {
         invocation.key(call.keys.stream(&entry.channel));
     }
     invocation
         .arg(call.config.history_max_len)
         .arg(call.config.history_ttl.as_millis() as u64)
-        .arg(call.config.clock_bucket_secs())
         .arg(CLOCK_KEEP)
         .arg(call.config.idempotency_ttl.as_millis() as u64);
     for entry in &entries {
@@ -178,10 +181,13 @@ async fn commit(call: Arc<Call>, batch: Vec<Pending>) {
                 })
                 .collect::<Vec<_>>())
         } else {
-            Err(BrokerError::Protocol(format!(
-                "publish returned {} ids for {} events",
-                seqs.len(),
-                entries.len()
+            // The script ran; what it did cannot be read from this answer.
+            Err(BrokerError::OutcomeUnknown(Box::new(
+                BrokerError::Protocol(format!(
+                    "publish returned {} ids for {} events",
+                    seqs.len(),
+                    entries.len()
+                )),
             )))
         }
     });

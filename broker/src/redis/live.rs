@@ -11,7 +11,7 @@ use futures::Stream;
 use redis::aio::{PubSubSink, PubSubStream};
 
 use super::Keys;
-use crate::{BrokerError, Channel, Event, LiveMessage};
+use crate::{BrokerError, Channel, Event, LiveMessage, Position};
 
 pub(super) async fn connect(
     client: &redis::Client,
@@ -24,15 +24,16 @@ pub(super) async fn connect(
         .map_err(|_| BrokerError::Timeout(timeout))??;
     let (sink, stream) = pubsub.split();
     let marker = keys.marker(replica);
+    let live_prefix = keys.live.clone();
     let mut sink = RedisLiveSink {
         sink,
-        keys: keys.clone(),
+        keys: std::sync::Arc::new(keys),
         timeout,
     };
     sink.command(true, vec![marker.clone()]).await?;
     let stream = RedisLiveStream {
         inner: stream,
-        live_prefix: keys.live,
+        live_prefix,
         marker,
     };
     Ok((sink, stream))
@@ -42,7 +43,7 @@ pub(super) async fn connect(
 #[derive(Clone)]
 pub struct RedisLiveSink {
     sink: PubSubSink,
-    keys: Keys,
+    keys: std::sync::Arc<Keys>,
     timeout: Duration,
 }
 
@@ -88,11 +89,13 @@ impl RedisLiveStream {
         let name = msg.get_channel_name();
         let payload = msg.get_payload_bytes();
         if name == self.marker {
-            return match std::str::from_utf8(payload)
+            // "counter epoch" (marker.lua).
+            let position = std::str::from_utf8(payload)
                 .ok()
-                .and_then(|s| s.parse().ok())
-            {
-                Some(seq) => LiveMessage::Marker(seq),
+                .and_then(|s| s.split_once(' '))
+                .and_then(|(seq, epoch)| Some((seq.parse().ok()?, epoch.parse().ok()?)));
+            return match position {
+                Some((seq, epoch)) => LiveMessage::Marker(Position { epoch, seq }),
                 None => LiveMessage::Malformed(format!("marker payload {payload:?}")),
             };
         }

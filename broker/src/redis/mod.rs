@@ -5,25 +5,29 @@ mod commands;
 mod commit;
 mod live;
 mod reply;
+mod source;
 
-use std::{
-    sync::{Arc, atomic::AtomicUsize},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use redis::{
-    Script, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig},
-};
+use redis::{Script, ScriptInvocation, Value};
 
 pub use live::{RedisLiveSink, RedisLiveStream};
+pub use source::parse_host_port;
 
-use self::{commands::Commands, commit::Committer};
+use self::{commands::Commands, commit::Committer, source::Source};
 use crate::{
-    Accepted, BrokerConfig, BrokerError, Channel, ChannelPage, Event, Outgoing, Position, Removed,
-    StreamFacts,
+    Accepted, BrokerConfig, BrokerError, Channel, ChannelPage, Event, HistoryRead, Outgoing,
+    Position, Removed, StreamFacts,
 };
+
+/// A script that begins with `lineage.lua`, as every script does.
+macro_rules! script {
+    ($file:literal) => {
+        redis::Script::new(concat!(include_str!("lineage.lua"), include_str!($file)))
+    };
+}
+pub(crate) use script;
 
 /// Redis key and pub/sub channel names, all under the configured prefix.
 #[derive(Clone, Debug)]
@@ -31,6 +35,7 @@ pub(crate) struct Keys {
     counter: String,
     epoch: String,
     clock: String,
+    generation: String,
     stream: String,
     live: String,
     marker: String,
@@ -44,6 +49,7 @@ impl Keys {
             counter: format!("{prefix}seq"),
             epoch: format!("{prefix}epoch"),
             clock: format!("{prefix}clock"),
+            generation: format!("{prefix}generation"),
             stream: format!("{prefix}stream:"),
             live: format!("{prefix}live:"),
             marker: format!("{prefix}marker:"),
@@ -71,13 +77,27 @@ impl Keys {
     fn ticket(&self, digest: &str) -> String {
         format!("{}{digest}", self.ticket)
     }
+
+    /// The keys and arguments `lineage.lua` expects first in every script.
+    fn lineage(&self, call: &mut ScriptInvocation, config: &BrokerConfig) {
+        call.key(&self.counter)
+            .key(&self.epoch)
+            .key(&self.clock)
+            .key(&self.generation)
+            .arg(if config.redis_lossless_restarts {
+                "1"
+            } else {
+                "0"
+            })
+            .arg(config.clock_bucket_secs());
+    }
 }
 
 /// A broker on one Redis primary (7.0 or newer).
 pub struct RedisBroker {
     commands: Arc<Commands>,
     commit: Committer,
-    client: redis::Client,
+    source: Arc<Source>,
     keys: Keys,
     config: BrokerConfig,
     position: Script,
@@ -87,41 +107,50 @@ pub struct RedisBroker {
 
 impl RedisBroker {
     /// Connects, and checks that the server is Redis 7 or newer.
-    pub async fn connect(url: &str, config: &BrokerConfig) -> Result<Self, BrokerError> {
-        let timeout = config.redis_timeout;
-        let client = redis::Client::open(url)?;
-        let settings = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1));
-        let mut connections = Vec::new();
-        for _ in 0..config.redis_pool_size.max(1) {
-            let connect = ConnectionManager::new_with_config(client.clone(), settings.clone());
-            let connection = tokio::time::timeout(timeout, connect)
-                .await
-                .map_err(|_| BrokerError::Timeout(timeout))??;
-            connections.push(connection);
-        }
-        let commands = Arc::new(Commands {
-            connections,
-            next: AtomicUsize::new(0),
-            timeout,
-        });
+    pub async fn connect(config: &BrokerConfig) -> Result<Self, BrokerError> {
+        let source = Arc::new(Source::new(config)?);
+        let commands = Arc::new(
+            Commands::connect(
+                source.clone(),
+                config.redis_pool_size as usize,
+                config.redis_timeout,
+            )
+            .await?,
+        );
         let keys = Keys::new(&config.redis_key_prefix);
         let broker = Self {
             commit: Committer::start(commands.clone(), keys.clone(), config.clone()),
             commands,
-            client,
+            source,
             keys,
             config: config.clone(),
-            position: Script::new(include_str!("position.lua")),
-            history: Script::new(include_str!("history.lua")),
-            marker: Script::new(include_str!("marker.lua")),
+            position: script!("position.lua"),
+            history: script!("history.lua"),
+            marker: script!("marker.lua"),
         };
         broker.check_version().await?;
+        broker.load_scripts().await?;
         Ok(broker)
+    }
+
+    /// Loads the scripts, so the first publish is one `EVALSHA`: a call that times out then is
+    /// one Redis will still run, not a `NOSCRIPT` whose `EVAL` was never sent.
+    async fn load_scripts(&self) -> Result<(), BrokerError> {
+        for script in [
+            &self.position,
+            &self.history,
+            &self.marker,
+            self.commit.script(),
+        ] {
+            let _: String = self
+                .commands
+                .with_conn(
+                    false,
+                    |mut c| async move { script.load_async(&mut c).await },
+                )
+                .await?;
+        }
+        Ok(())
     }
 
     async fn check_version(&self) -> Result<(), BrokerError> {
@@ -165,10 +194,7 @@ impl RedisBroker {
 
     pub async fn position(&self) -> Result<Position, BrokerError> {
         let mut call = self.position.prepare_invoke();
-        call.key(&self.keys.counter)
-            .key(&self.keys.epoch)
-            .key(&self.keys.clock)
-            .arg(self.config.clock_bucket_secs());
+        self.keys.lineage(&mut call, &self.config);
         let (epoch, seq): (u64, u64) = self
             .commands
             .with_conn(false, |mut c| {
@@ -179,25 +205,21 @@ impl RedisBroker {
         Ok(Position { epoch, seq })
     }
 
-    pub async fn history(
-        &self,
-        requests: &[(Channel, u64)],
-        upto: u64,
-        limit: usize,
-    ) -> Result<Vec<ChannelPage>, BrokerError> {
-        if requests.is_empty() {
+    pub async fn history(&self, read: &HistoryRead<'_>) -> Result<Vec<ChannelPage>, BrokerError> {
+        if read.requests.is_empty() {
             return Ok(Vec::new());
         }
         let mut call = self.history.prepare_invoke();
-        call.key(&self.keys.clock);
-        for (channel, _) in requests {
+        self.keys.lineage(&mut call, &self.config);
+        for (channel, _) in read.requests {
             call.key(self.keys.stream(channel));
         }
-        call.arg(upto)
-            .arg(limit)
+        call.arg(read.upto)
+            .arg(read.limit.max(1))
+            .arg(read.max_bytes)
             .arg(self.config.history_ttl.as_secs().max(1))
-            .arg(self.config.clock_bucket_secs());
-        for (_, after) in requests {
+            .arg(read.epoch);
+        for (_, after) in read.requests {
             call.arg(*after);
         }
         let reply: Value = self
@@ -207,15 +229,20 @@ impl RedisBroker {
                 async move { call.invoke_async(&mut c).await }
             })
             .await?;
-        let pages = reply::array(reply)?;
-        if pages.len() != requests.len() {
+        let mut reply = reply::array(reply)?.into_iter();
+        let epoch = reply::int(reply.next())?;
+        if epoch != read.epoch {
+            return Err(BrokerError::EpochChanged);
+        }
+        let pages: Vec<Value> = reply.collect();
+        if pages.len() != read.requests.len() {
             return Err(BrokerError::Protocol(
                 "history returned the wrong number of pages".into(),
             ));
         }
         pages
             .into_iter()
-            .zip(requests)
+            .zip(read.requests)
             .map(|(page, (channel, _))| parse_page(page, channel))
             .collect()
     }
@@ -225,8 +252,9 @@ impl RedisBroker {
         &self,
         replica: &str,
     ) -> Result<(RedisLiveSink, RedisLiveStream), BrokerError> {
+        let client = self.source.primary(self.config.redis_timeout).await?;
         live::connect(
-            &self.client,
+            &client,
             self.keys.clone(),
             replica,
             self.config.redis_timeout,
@@ -238,7 +266,8 @@ impl RedisBroker {
     /// subscriber received it: `false` means the replica's pub/sub connection is gone.
     pub async fn request_marker(&self, replica: &str) -> Result<bool, BrokerError> {
         let mut call = self.marker.prepare_invoke();
-        call.key(&self.keys.counter).arg(self.keys.marker(replica));
+        self.keys.lineage(&mut call, &self.config);
+        call.arg(self.keys.marker(replica));
         let receivers: u64 = self
             .commands
             .with_conn(false, |mut c| {
@@ -303,7 +332,7 @@ fn parse_page(page: Value, channel: &Channel) -> Result<ChannelPage, BrokerError
         return Ok(ChannelPage {
             facts: StreamFacts::Missing,
             recent,
-            events: Vec::new(),
+            ..ChannelPage::default()
         });
     }
     let added = reply::int(fields.next())?;
@@ -320,32 +349,38 @@ fn parse_page(page: Value, channel: &Channel) -> Result<ChannelPage, BrokerError
     } else {
         Removed::Nothing
     };
-    let events = reply::array(fields.next().unwrap_or(Value::Nil))?
-        .into_iter()
-        .map(|entry| parse_entry(entry, channel))
-        .collect::<Result<_, _>>()?;
-    Ok(ChannelPage {
+    let more = reply::int(fields.next())? == 1;
+    let mut page = ChannelPage {
         facts: StreamFacts::Present { first, removed },
         recent,
-        events,
-    })
-}
-
-fn parse_entry(entry: Value, channel: &Channel) -> Result<Event, BrokerError> {
-    let mut parts = reply::array(entry)?.into_iter();
-    let seq = reply::entry_seq(&reply::text(parts.next())?)?;
-    let mut fields = reply::array(parts.next().unwrap_or(Value::Nil))?.into_iter();
-    while let Some(name) = fields.next() {
-        let value = fields.next();
-        if reply::bytes(Some(name))? == b"p" {
-            return Ok(Event {
+        more,
+        ..ChannelPage::default()
+    };
+    for entry in reply::array(fields.next().unwrap_or(Value::Nil))? {
+        let mut parts = reply::array(entry)?.into_iter();
+        let seq = reply::entry_seq(&reply::text(parts.next())?)?;
+        page.through = Some(seq);
+        match body_of(parts.next()) {
+            Some(body) => page.events.push(Event {
                 seq,
                 channel: channel.clone(),
-                body: Bytes::from(reply::bytes(value)?),
-            });
+                body,
+            }),
+            // Not written by eventgate (or damaged): skipped and counted, never re-read.
+            None => page.skipped += 1,
         }
     }
-    Err(BrokerError::Protocol(format!(
-        "stream entry {seq} has no body"
-    )))
+    Ok(page)
+}
+
+/// The body (field `p`) of a stream entry's fields.
+fn body_of(fields: Option<Value>) -> Option<Bytes> {
+    let mut fields = reply::array(fields?).ok()?.into_iter();
+    while let Some(name) = fields.next() {
+        let value = fields.next();
+        if reply::bytes(Some(name)).ok()? == b"p" {
+            return reply::bytes(value).ok().map(Bytes::from);
+        }
+    }
+    None
 }

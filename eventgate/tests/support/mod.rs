@@ -1,6 +1,7 @@
 //! Shared test support: real Redis servers, real services on ephemeral ports, real clients.
 #![allow(dead_code, unused_imports)]
 
+pub mod fleet;
 pub mod process;
 pub mod redis;
 pub mod sse;
