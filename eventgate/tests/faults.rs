@@ -11,9 +11,8 @@ use std::{
 };
 
 use support::{
-    fleet::{Publishing, source, sse_client, ws_client},
+    fleet::{Publishing, Started, source, sse_client, ws_client},
     process::Deployment,
-    *,
 };
 use tokio::sync::watch;
 
@@ -58,34 +57,21 @@ where
     let nginx = nginx_addr(&deployment);
     let (last_tx, last) = watch::channel(None);
     let mut clients = tokio::task::JoinSet::new();
+    let started = Started::default();
     for i in 0..SSE_CLIENTS {
-        let user = format!("sse-{i}");
-        clients.spawn(sse_client(user, source(i), nginx, "f", last.clone()));
+        let (user, last, started) = (format!("sse-{i}"), last.clone(), started.clone());
+        clients.spawn(sse_client(user, source(i), nginx, "f", last, started));
     }
     for i in 0..WS_CLIENTS {
         let (user, from) = (format!("ws-{i}"), source(SSE_CLIENTS + i));
-        clients.spawn(ws_client(user, from, nginx, "f", last.clone()));
+        let (last, started) = (last.clone(), started.clone());
+        clients.spawn(ws_client(user, from, nginx, "f", last, started));
     }
-    // Everyone is connected before the first event.
-    let http = reqwest::Client::new();
-    let stats_urls: Vec<String> = deployment
-        .gateways
-        .iter()
-        .map(|g| format!("{}/v1/stats", g.url))
-        .collect();
-    let connected = wait_until(Duration::from_secs(60), || async {
-        let mut total = 0;
-        for url in &stats_urls {
-            if let Ok(r) = http.get(url).send().await
-                && let Ok(v) = r.json::<serde_json::Value>().await
-            {
-                total += v["connections"].as_u64().unwrap_or(0);
-            }
-        }
-        total >= u64::from(SSE_CLIENTS + WS_CLIENTS)
-    })
-    .await;
-    assert!(connected, "{name}: clients did not all connect");
+    // Everyone is connected and positioned before the first event.
+    let all = started
+        .wait_for(SSE_CLIENTS + WS_CLIENTS, Duration::from_secs(60))
+        .await;
+    assert!(all, "{name}: {} clients started", started.count());
 
     let publishing = Publishing::start(&deployment.publisher.url, "f", RATE);
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -43,6 +43,9 @@ pub(super) struct Commands {
 /// Least time between two Sentinel lookups: failing requests do not flood the Sentinels.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How often the Sentinels are asked whether the primary moved, when nothing failed.
+const SENTINEL_POLL: Duration = Duration::from_secs(1);
+
 impl Commands {
     /// Connects `size` connections to the primary.
     pub(super) async fn connect(
@@ -130,6 +133,20 @@ impl Commands {
                 timeout,
             )))),
             Err(_) => Err(BrokerError::Timeout(timeout)),
+        }
+    }
+
+    /// With Sentinels: asks them every second whether the primary moved, and follows it. A
+    /// demoted primary keeps accepting writes until Sentinel reconfigures it (seconds after a
+    /// `SENTINEL FAILOVER`), writes that are then lost: waiting for a failing command would
+    /// publish into that window.
+    pub(super) async fn follow_primary(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SENTINEL_POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let pool = self.pool();
+            self.refresh(&pool).await;
         }
     }
 

@@ -6,11 +6,16 @@
 -- in seconds. A script's own arguments start at ARGV[3], its own keys at KEYS[5].
 local function id(s) return string.format('%d', s) end
 
+-- A new epoch starts this far (µs) ahead of the clock: a primary that goes on accepting writes
+-- after a failover (split brain, until Sentinel demotes it) hands out ids below the new epoch
+-- for that long, so cursors from it are still recognised as from before the failover.
+local EPOCH_MARGIN = 600000000
+
 -- Returns the counter, the epoch and the time in microseconds, after starting a new epoch if
 -- the data may be older than what was handed out: no counter (a new or emptied Redis), or a
 -- different server than the one that wrote last (a restart from a snapshot, a failover to a
--- replica that lagged). The new epoch starts above the old counter and at the clock, so no id
--- handed out by the lost writes is ever handed out again. A restart is trusted only when
+-- replica that lagged). The new epoch starts above the old counter and ahead of the clock, so
+-- no id handed out by the lost writes is ever handed out again. A restart is trusted only when
 -- configured, and never on a promoted replica.
 local function lineage()
   local counter, epoch, clock, generation = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -29,9 +34,9 @@ local function lineage()
       return tonumber(seq), tonumber(redis.call('GET', epoch) or '0'), now_us
     end
   end
-  local start = now_us
+  local start = now_us + EPOCH_MARGIN
   if seq then
-    start = math.max(tonumber(seq) + 1, now_us)
+    start = math.max(tonumber(seq) + 1, now_us) + EPOCH_MARGIN
   else
     redis.call('DEL', clock)
   end

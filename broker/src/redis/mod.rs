@@ -97,6 +97,8 @@ impl Keys {
 pub struct RedisBroker {
     commands: Arc<Commands>,
     commit: Committer,
+    /// Follows the primary through the Sentinels (none with `REDIS_URL`); stopped on drop.
+    follower: Option<tokio::task::JoinHandle<()>>,
     source: Arc<Source>,
     keys: Keys,
     config: BrokerConfig,
@@ -118,7 +120,11 @@ impl RedisBroker {
             .await?,
         );
         let keys = Keys::new(&config.redis_key_prefix);
+        let follower = source
+            .follows_failovers()
+            .then(|| tokio::spawn(commands.clone().follow_primary()));
         let broker = Self {
+            follower,
             commit: Committer::start(commands.clone(), keys.clone(), config.clone()),
             commands,
             source,
@@ -321,6 +327,14 @@ impl RedisBroker {
 
     pub fn timeout(&self) -> Duration {
         self.config.redis_timeout
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        if let Some(follower) = &self.follower {
+            follower.abort();
+        }
     }
 }
 

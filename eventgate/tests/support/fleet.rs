@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
     time::Duration,
 };
@@ -33,6 +33,26 @@ async fn connect_from(source: IpAddr, to: SocketAddr) -> Option<TcpStream> {
     let socket = TcpSocket::new_v4().ok()?;
     socket.bind((source, 0).into()).ok()?;
     socket.connect(to).await.ok()
+}
+
+/// Counts clients whose first stream is open and positioned (SSE: the opening `id:`; WebSocket:
+/// `subscribed`): events published after that reach them.
+#[derive(Clone, Default)]
+pub struct Started(Arc<AtomicU32>);
+
+impl Started {
+    pub fn count(&self) -> u32 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    fn one(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Waits until `n` clients started, at most `timeout`.
+    pub async fn wait_for(&self, n: u32, timeout: Duration) -> bool {
+        super::wait_until(timeout, || async { self.count() >= n }).await
+    }
 }
 
 /// A `reset` a client got: the last event id it had seen before it, and the position it was
@@ -94,6 +114,7 @@ pub async fn sse_client(
     addr: SocketAddr,
     channel: &'static str,
     mut last: watch::Receiver<Option<u64>>,
+    started: Started,
 ) -> Outcome {
     let token = token_for(&user, &[channel], Duration::from_secs(600));
     let mut outcome = Outcome::default();
@@ -164,6 +185,9 @@ pub async fn sse_client(
                         outcome.ids.push(v.parse().expect("numeric id"));
                     }
                     if let Some(v) = id.take() {
+                        if cursor.is_none() {
+                            started.one();
+                        }
                         cursor = Some(v);
                     }
                     (event, data) = (None, false);
@@ -186,6 +210,7 @@ pub async fn ws_client(
     addr: SocketAddr,
     channel: &'static str,
     mut last: watch::Receiver<Option<u64>>,
+    started: Started,
 ) -> Outcome {
     let token = token_for(&user, &[channel], Duration::from_secs(600));
     let mut outcome = Outcome::default();
@@ -245,7 +270,10 @@ pub async fn ws_client(
                     outcome.ids.push(id);
                     since = Some(id);
                 }
-                Some("subscribed") if since.is_none() => since = position(),
+                Some("subscribed") if since.is_none() => {
+                    since = position();
+                    started.one();
+                }
                 Some("reset") => {
                     outcome.resets.push(Reset {
                         after: outcome.ids.last().copied(),

@@ -3,7 +3,9 @@
 
 pub mod fleet;
 pub mod process;
+pub mod proxy;
 pub mod redis;
+pub mod sentinel;
 pub mod sse;
 pub mod ws;
 

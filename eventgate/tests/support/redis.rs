@@ -12,10 +12,12 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     persistent: bool,
     password: Option<String>,
+    /// More `redis-server` arguments (a replica's `--replicaof`).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
-fn redis_binary() -> PathBuf {
+pub(super) fn redis_binary() -> PathBuf {
     for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
         let path = PathBuf::from(dir).join("redis-server");
         if path.exists() {
@@ -38,26 +40,33 @@ pub fn free_port() -> u16 {
 impl RedisServer {
     /// A Redis without persistence: a restart loses everything.
     pub async fn start() -> Self {
-        Self::launch(false, None).await
+        Self::launch(false, None, Vec::new()).await
+    }
+
+    /// A replica of the Redis on `port`, without persistence.
+    pub async fn start_replica_of(port: u16) -> Self {
+        let extra = vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()];
+        Self::launch(false, None, extra).await
     }
 
     /// A Redis with an fsync-always append-only file: a restart keeps every acknowledged write.
     pub async fn start_persistent() -> Self {
-        Self::launch(true, None).await
+        Self::launch(true, None, Vec::new()).await
     }
 
     /// A Redis that requires `password`.
     pub async fn start_with_password(password: &str) -> Self {
-        Self::launch(false, Some(password.to_owned())).await
+        Self::launch(false, Some(password.to_owned()), Vec::new()).await
     }
 
-    async fn launch(persistent: bool, password: Option<String>) -> Self {
+    async fn launch(persistent: bool, password: Option<String>, extra: Vec<String>) -> Self {
         for _ in 0..20 {
             let mut server = Self {
                 port: free_port(),
                 dir: tempfile::tempdir().expect("temp dir"),
                 persistent,
                 password: password.clone(),
+                extra: extra.clone(),
                 child: None,
             };
             if server.spawn().await {
@@ -84,6 +93,7 @@ impl RedisServer {
         } else {
             cmd.args(["--appendonly", "no"]);
         }
+        cmd.args(&self.extra);
         let Ok(child) = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -134,6 +144,16 @@ impl RedisServer {
     /// The server's process id, for signals (freezing it with SIGSTOP).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref()?.id()
+    }
+
+    /// Sends `signal` (`-STOP`, `-CONT`) to the server.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("redis is running").to_string();
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
     }
 
     /// Starts Redis again on the same port and directory.
