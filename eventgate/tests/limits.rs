@@ -612,3 +612,59 @@ async fn evalsha_calls(redis: &RedisServer) -> u64 {
         .and_then(|n| n.parse().ok())
         .unwrap_or(0)
 }
+
+/// One request may write at most `MAX_PUBLISH_ENTRIES` stream entries: 1,000 events on 100
+/// channels each is refused before anything reaches Redis, which stays responsive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_batch_is_refused_before_anything_is_written() {
+    let stack = Stack::start(Backend::Redis).await;
+    let channels: Vec<String> = (0..100).map(|c| format!("c{c}")).collect();
+    let body = "x".repeat(2000);
+    let events: Vec<_> = (0..1000)
+        .map(|n| json!({"channels": channels, "data": {"n": n, "body": body}}))
+        .collect();
+    let started = std::time::Instant::now();
+    let (status, answer) = stack
+        .post_publish(json!({"events": events}).to_string(), "application/json")
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["error"]["code"], "too_many_entries");
+    let message = answer["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("MAX_PUBLISH_ENTRIES") && message.contains("10000"),
+        "{message}"
+    );
+    let keys: Vec<String> = stack.redis().query(&["KEYS", "eventgate:stream:*"]).await;
+    assert!(keys.is_empty(), "nothing was written: {keys:?}");
+    let ping = std::time::Instant::now();
+    let pong: String = stack.redis().query(&["PING"]).await;
+    assert_eq!(pong, "PONG");
+    println!(
+        "oversized batch refused in {:.1?}; Redis answered PING in {:.1?}",
+        started.elapsed(),
+        ping.elapsed()
+    );
+
+    // The bytes one request writes are bounded too: 100 events × 100 channels × 4 KB.
+    let big = "y".repeat(4000);
+    let events: Vec<_> = (0..100)
+        .map(|n| json!({"channels": channels, "data": {"n": n, "body": big}}))
+        .collect();
+    let (status, answer) = stack
+        .post_publish(json!({"events": events}).to_string(), "application/json")
+        .await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
+    assert_eq!(answer["error"]["code"], "publish_too_large");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("MAX_PUBLISH_BYTES")),
+        "{answer}"
+    );
+    // Within both limits it goes through, all in one atomic step.
+    let events: Vec<_> = (0..100)
+        .map(|n| json!({"channels": channels, "data": n}))
+        .collect();
+    let ids = stack.publish(json!({"events": events})).await;
+    assert_eq!(ids.len(), 10_000);
+}
