@@ -223,6 +223,55 @@ async fn unreachable_redis_exits_69_naming_it_without_the_password() {
 }
 
 #[tokio::test]
+async fn sentinel_settings_are_checked_at_start() {
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("REDIS_SENTINELS", "127.0.0.1:26379")], "REDIS_SENTINEL_MASTER"),
+        (
+            &[
+                ("REDIS_SENTINELS", "127.0.0.1:26379"),
+                ("REDIS_SENTINEL_MASTER", "m"),
+                ("REDIS_URL", "redis://127.0.0.1:6379"),
+            ],
+            "not both",
+        ),
+        (
+            &[("REDIS_SENTINELS", "sentinel-a"), ("REDIS_SENTINEL_MASTER", "m")],
+            "REDIS_SENTINELS",
+        ),
+        (
+            &[
+                ("REDIS_URL", "redis://127.0.0.1:6379"),
+                ("REDIS_PASSWORD", "hunter2"),
+            ],
+            "in the URL",
+        ),
+    ];
+    for (env, says) in cases {
+        let mut all = KEYS.to_vec();
+        all.extend_from_slice(env);
+        let (code, output) = run_to_exit(&["publisher"], &all).await;
+        assert_eq!(code, Some(64), "{env:?}: {output}");
+        assert!(output.contains(says), "{env:?}: {output}");
+        assert!(!output.contains("hunter2"), "{output}");
+    }
+    // No Sentinel answers: 69, naming the master and the Sentinels.
+    let sentinel = format!("127.0.0.1:{}", free_port());
+    let env = [
+        KEYS[0],
+        KEYS[1],
+        ("REDIS_SENTINELS", sentinel.as_str()),
+        ("REDIS_SENTINEL_MASTER", "orders-redis"),
+        ("REDIS_TIMEOUT", "1s"),
+    ];
+    let (code, output) = run_to_exit(&["gateway"], &env).await;
+    assert_eq!(code, Some(69), "{output}");
+    assert!(
+        output.contains("orders-redis") && output.contains(&sentinel),
+        "{output}"
+    );
+}
+
+#[tokio::test]
 async fn a_bad_setting_is_refused_by_name() {
     let (code, output) = run_to_exit(&[], &[("HEARTBEAT_INTERVAL", "fast")]).await;
     assert_eq!(code, Some(64), "{output}");
