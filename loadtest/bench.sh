@@ -4,6 +4,7 @@
 #
 #   loadtest/bench.sh            # every scenario
 #   loadtest/bench.sh a c f      # some of them: a b c d e f
+#   EG=path/to/eventgate loadtest/bench.sh e   # another eventgate binary (an A/B of two builds)
 #
 # Needs redis-server, nginx and Debian's libnginx-mod-nchan. Everything listens on 127.0.0.1
 # and is stopped at the end. Raw figures go to $OUT/results.jsonl (default target/bench).
@@ -24,7 +25,7 @@ done
 [ -f "$NCHAN_MODULE" ] || { echo "bench needs nchan: apt-get install libnginx-mod-nchan" >&2; exit 1; }
 
 cargo build --release --locked -p eventgate -p eventgate-loadtest
-EG=target/release/eventgate
+EG=${EG:-target/release/eventgate}
 LG=target/release/loadgen
 rm -rf "$OUT" && mkdir -p "$OUT/redis" "$OUT/nchan/body"
 RESULTS="$OUT/results.jsonl"

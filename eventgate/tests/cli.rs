@@ -225,7 +225,10 @@ async fn unreachable_redis_exits_69_naming_it_without_the_password() {
 #[tokio::test]
 async fn sentinel_settings_are_checked_at_start() {
     let cases: [(&[(&str, &str)], &str); 4] = [
-        (&[("REDIS_SENTINELS", "127.0.0.1:26379")], "REDIS_SENTINEL_MASTER"),
+        (
+            &[("REDIS_SENTINELS", "127.0.0.1:26379")],
+            "REDIS_SENTINEL_MASTER",
+        ),
         (
             &[
                 ("REDIS_SENTINELS", "127.0.0.1:26379"),
@@ -235,7 +238,10 @@ async fn sentinel_settings_are_checked_at_start() {
             "not both",
         ),
         (
-            &[("REDIS_SENTINELS", "sentinel-a"), ("REDIS_SENTINEL_MASTER", "m")],
+            &[
+                ("REDIS_SENTINELS", "sentinel-a"),
+                ("REDIS_SENTINEL_MASTER", "m"),
+            ],
             "REDIS_SENTINELS",
         ),
         (
