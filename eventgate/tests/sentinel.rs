@@ -173,14 +173,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_is_followed_and_loses_nothing_silently() {
     run_failover("SENTINEL FAILOVER", |setup| async move {
-        let old = setup.sentinels.primary().await.port;
-        let new = setup
-            .sentinels
-            .servers
-            .iter()
-            .find(|s| s.port != old)
-            .expect("replica")
-            .port;
+        let (old, new) = setup.sentinels.primary_and_replica().await;
         setup.sentinels.failover().await;
         assert!(
             setup
@@ -203,14 +196,7 @@ async fn a_sentinel_failover_is_followed_and_loses_nothing_silently() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_primary_is_replaced_and_nothing_is_lost_silently() {
     run_failover("kill -9 of the primary", |mut setup| async move {
-        let old = setup.sentinels.primary().await.port;
-        let new = setup
-            .sentinels
-            .servers
-            .iter()
-            .find(|s| s.port != old)
-            .expect("replica")
-            .port;
+        let (old, new) = setup.sentinels.primary_and_replica().await;
         setup.sentinels.server_mut(old).kill().await;
         assert!(
             setup
@@ -224,8 +210,8 @@ async fn a_killed_primary_is_replaced_and_nothing_is_lost_silently() {
     .await;
 }
 
-/// Writes the replica never got (it was frozen while they were acknowledged), then the
-/// primary dies and the replica is promoted: the lost writes' ids are never handed out again,
+/// Writes the replica never got (its replication link was cut while they were acknowledged),
+/// then the primary dies and the replica is promoted: the lost writes' ids are never handed out again,
 /// and every client, connected or coming back, gets a `reset`, not a silent gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_lagging_replica_resets_clients_instead_of_a_silent_gap() {

@@ -161,6 +161,13 @@ impl Sentinels {
         Some(port)
     }
 
+    /// The ports of the primary now and of the other server.
+    pub async fn primary_and_replica(&self) -> (u16, u16) {
+        let primary = self.primary().await.port;
+        let other = self.servers.iter().find(|s| s.port != primary);
+        (primary, other.expect("two servers").port)
+    }
+
     /// The server that is primary now.
     pub async fn primary(&self) -> &RedisServer {
         let port = self.primary_port(0).await.expect("a Sentinel answers");
