@@ -14,6 +14,14 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && strip /eventgate
 
 FROM debian:bookworm-slim
+# CA certificates: Redis over TLS (rediss://) trusts the system's roots unless
+# REDIS_TLS_CA_FILE names a private CA. Mount the CA and any client certificate read-only, e.g.
+#   docker run -v ./redis-tls:/etc/eventgate/redis-tls:ro \
+#     -e REDIS_URL=rediss://redis.example.com:6380 \
+#     -e REDIS_TLS_CA_FILE=/etc/eventgate/redis-tls/ca.crt eventgate gateway
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 eventgate \
     && useradd --system --uid 10001 --gid eventgate --no-create-home --shell /usr/sbin/nologin eventgate
 COPY --from=build /eventgate /usr/local/bin/eventgate

@@ -1,6 +1,6 @@
 //! Settings both services read: where the broker is and how much history it keeps.
 
-use std::{fmt, time::Duration};
+use std::{fmt, path::PathBuf, time::Duration};
 
 /// Parses a human duration (`15s`, `500ms`, `24h`); zero is refused.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -60,6 +60,30 @@ pub struct BrokerConfig {
     #[arg(long, env = "REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
     pub redis_sentinel_password: Option<String>,
 
+    /// With Sentinels: talk TLS to them and to the Redis servers they name. With `REDIS_URL`,
+    /// the `rediss://` scheme says so instead.
+    #[arg(long, env = "REDIS_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub redis_tls: bool,
+
+    /// PEM file of the CA certificate(s) that sign the Redis servers' (and Sentinels')
+    /// certificates: a private CA. Unset: the system's root certificates.
+    #[arg(long, env = "REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<PathBuf>,
+
+    /// PEM client certificate (chain) for Redis servers that require one (mutual TLS).
+    #[arg(long, env = "REDIS_TLS_CERT_FILE")]
+    pub redis_tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of `REDIS_TLS_CERT_FILE`.
+    #[arg(long, env = "REDIS_TLS_KEY_FILE")]
+    pub redis_tls_key_file: Option<PathBuf>,
+
+    /// Development only: accept a Redis certificate issued for another host name (its chain
+    /// is still verified). Logged as a warning at start.
+    #[arg(long, env = "REDIS_TLS_SKIP_HOSTNAME_CHECK", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub redis_tls_skip_hostname_check: bool,
+
     /// Your Redis keeps every acknowledged write across a restart (`appendonly yes`,
     /// `appendfsync always`): a restart of the same server then does not reset clients. Off,
     /// every restart or failover counts as a possible loss (docs/resume.md). Failovers always
@@ -109,6 +133,11 @@ impl BrokerConfig {
             redis_sentinel_username: None,
             redis_sentinel_password: None,
             redis_lossless_restarts: false,
+            redis_tls: false,
+            redis_tls_ca_file: None,
+            redis_tls_cert_file: None,
+            redis_tls_key_file: None,
+            redis_tls_skip_hostname_check: false,
             redis_key_prefix: "eventgate:".into(),
             redis_timeout: Duration::from_secs(2),
             redis_pool_size: 4,
@@ -163,7 +192,62 @@ impl BrokerConfig {
                     .into(),
             );
         }
-        Ok(())
+        self.check_tls()
+    }
+
+    /// Whether Redis connections use TLS.
+    pub fn redis_tls_enabled(&self) -> bool {
+        match &self.redis_url {
+            Some(url) => url
+                .trim_start()
+                .to_ascii_lowercase()
+                .starts_with("rediss://"),
+            None => self.redis_tls,
+        }
+    }
+
+    fn check_tls(&self) -> Result<(), String> {
+        if self.redis_url.is_some() && self.redis_tls {
+            return Err(
+                "REDIS_TLS is for Sentinel setups; with REDIS_URL use the rediss:// scheme".into(),
+            );
+        }
+        if self.redis_url.as_deref().is_some_and(|u| u.contains('#')) {
+            return Err(
+                "REDIS_URL: a #fragment (#insecure) is not accepted; for a private CA set \
+                 REDIS_TLS_CA_FILE"
+                    .into(),
+            );
+        }
+        let set: Vec<&str> = [
+            ("REDIS_TLS_CA_FILE", self.redis_tls_ca_file.is_some()),
+            ("REDIS_TLS_CERT_FILE", self.redis_tls_cert_file.is_some()),
+            ("REDIS_TLS_KEY_FILE", self.redis_tls_key_file.is_some()),
+            (
+                "REDIS_TLS_SKIP_HOSTNAME_CHECK",
+                self.redis_tls_skip_hostname_check,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
+        if let Some(first) = set.first()
+            && self.uses_redis()
+            && !self.redis_tls_enabled()
+        {
+            return Err(format!(
+                "{first} needs TLS: a rediss:// REDIS_URL (or REDIS_TLS=true with Sentinels)"
+            ));
+        }
+        if self.redis_tls_skip_hostname_check && !self.redis_sentinels.is_empty() {
+            return Err(
+                "REDIS_TLS_SKIP_HOSTNAME_CHECK works with REDIS_URL only; Sentinels name servers \
+                 by address: give them certificates for those addresses, or set \
+                 `sentinel announce-hostnames yes`"
+                    .into(),
+            );
+        }
+        crate::redis::tls::certificates(self).map(|_| ())
     }
 
     /// Granularity of the clock that tells how old a cursor is (see `docs/resume.md`): about a
@@ -202,6 +286,14 @@ impl fmt::Debug for BrokerConfig {
                 &self.redis_sentinel_password.as_ref().map(|_| "***"),
             )
             .field("redis_lossless_restarts", &self.redis_lossless_restarts)
+            .field("redis_tls", &self.redis_tls)
+            .field("redis_tls_ca_file", &self.redis_tls_ca_file)
+            .field("redis_tls_cert_file", &self.redis_tls_cert_file)
+            .field("redis_tls_key_file", &self.redis_tls_key_file)
+            .field(
+                "redis_tls_skip_hostname_check",
+                &self.redis_tls_skip_hostname_check,
+            )
             .field("redis_key_prefix", &self.redis_key_prefix)
             .field("redis_timeout", &self.redis_timeout)
             .field("redis_pool_size", &self.redis_pool_size)

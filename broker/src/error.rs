@@ -22,6 +22,9 @@ pub enum BrokerError {
         #[source]
         source: redis::RedisError,
     },
+    /// A TLS handshake with Redis failed; the message says which setting to look at.
+    #[error("{0}")]
+    Tls(String),
     /// Settings that do not fit together; the message names them.
     #[error("{0}")]
     Config(String),

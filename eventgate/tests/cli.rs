@@ -6,7 +6,12 @@ mod support;
 use std::process::Stdio;
 
 use reqwest::StatusCode;
-use support::{RedisServer, SOON, TEST_PUBLISHER_KEY, TEST_SECRET, redis::free_port, wait_until};
+use support::{
+    RedisServer, SOON, TEST_PUBLISHER_KEY, TEST_SECRET,
+    process::{eventgate, run_to_exit},
+    redis::free_port,
+    wait_until,
+};
 
 /// Key material for the `gateway` and `publisher` commands.
 const KEYS: [(&str, &str); 2] = [
@@ -26,36 +31,6 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, BufReader},
     process::{Child, Command},
 };
-
-/// The binary under test, started with a clean environment plus `env`.
-fn eventgate(args: &[&str], env: &[(&str, &str)]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_eventgate"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "debug")
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start eventgate")
-}
-
-/// Runs the binary to completion (bounded) and returns (status, stdout + stderr).
-async fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
-    let child = eventgate(args, env);
-    let output = tokio::time::timeout(SOON, child.wait_with_output())
-        .await
-        .expect("eventgate exits")
-        .expect("output");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code(), text)
-}
 
 /// Reads stdout lines until one satisfies `want`; returns every line read.
 async fn read_until(child: &mut Child, lines: &mut Vec<String>, want: impl Fn(&str) -> bool) {

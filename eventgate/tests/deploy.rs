@@ -299,6 +299,65 @@ fn every_kubernetes_overlay_renders_and_agrees_with_the_binary() {
     }
 }
 
+/// The managed-Redis overlay: TLS to Redis with the CA and client certificate from a Secret,
+/// mounted where the settings point and readable by the non-root user.
+#[test]
+fn the_managed_redis_overlay_mounts_the_tls_files_where_the_settings_point() {
+    let docs = render("managed-redis-tls");
+    let known = known_env_vars();
+    let config = str_map(&kind_named(&docs, "ConfigMap", "eventgate-config")["data"]);
+    let secret = str_map(&kind_named(&docs, "Secret", "eventgate-secrets")["stringData"]);
+    assert!(secret["REDIS_URL"].starts_with("rediss://"), "{secret:?}");
+    assert!(
+        !docs.iter().any(|d| d["kind"] == "StatefulSet"),
+        "no in-cluster Redis"
+    );
+    let files = str_map(&kind_named(&docs, "Secret", "eventgate-redis-tls")["stringData"]);
+    for (name, value) in &files {
+        assert!(value.contains("change-me"), "{name} looks real: {value:?}");
+    }
+    for name in config.keys().chain(secret.keys()) {
+        assert!(known.contains(name), "eventgate reads no {name}");
+    }
+    for deployment in ["eventgate-gateway", "eventgate-publisher"] {
+        let pod = &kind_named(&docs, "Deployment", deployment)["spec"]["template"]["spec"];
+        let volume = pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["secret"]["secretName"] == "eventgate-redis-tls")
+            .expect("the TLS Secret as a volume");
+        let mount = pod["containers"][0]["volumeMounts"]
+            .as_sequence()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["name"] == volume["name"])
+            .expect("mounted");
+        assert_eq!(mount["readOnly"], true);
+        let dir = mount["mountPath"].as_str().expect("path");
+        for setting in [
+            "REDIS_TLS_CA_FILE",
+            "REDIS_TLS_CERT_FILE",
+            "REDIS_TLS_KEY_FILE",
+        ] {
+            let path = &config[setting];
+            let file = path
+                .strip_prefix(&format!("{dir}/"))
+                .unwrap_or_else(|| panic!("{deployment}: {setting}={path} is outside {dir}"));
+            assert!(
+                files.contains_key(file),
+                "{deployment}: the Secret has no {file}"
+            );
+        }
+        let mode = volume["secret"]["defaultMode"].as_u64().expect("mode");
+        let group = pod["securityContext"]["fsGroup"].as_u64();
+        assert!(
+            mode & 0o004 != 0 || (mode & 0o040 != 0 && group == Some(10001)),
+            "{deployment}: user 10001 cannot read the key (mode {mode:o}, fsGroup {group:?})"
+        );
+    }
+}
+
 fn compose() -> Value {
     let text =
         std::fs::read_to_string(repo().join("docker-compose.yml")).expect("docker-compose.yml");

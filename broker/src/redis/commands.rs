@@ -205,7 +205,11 @@ async fn open_pool_with(
         let connect = ConnectionManager::new_with_config(client.clone(), settings.clone());
         let connection = tokio::time::timeout(timeout, connect)
             .await
-            .map_err(|_| BrokerError::Timeout(timeout))??;
+            .map_err(|_| BrokerError::Timeout(timeout))?
+            .map_err(|e| match super::tls::explain(&e) {
+                Some(message) => BrokerError::Tls(message),
+                None => e.into(),
+            })?;
         connections.push(connection);
     }
     Ok(Pool { addr, connections })

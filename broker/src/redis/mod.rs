@@ -6,6 +6,7 @@ mod commit;
 mod live;
 mod reply;
 mod source;
+pub mod tls;
 
 use std::{sync::Arc, time::Duration};
 
@@ -117,7 +118,8 @@ impl RedisBroker {
                 config.redis_pool_size as usize,
                 config.redis_timeout,
             )
-            .await?,
+            .await
+            .map_err(tls::explained)?,
         );
         let keys = Keys::new(&config.redis_key_prefix);
         let follower = source
@@ -134,8 +136,8 @@ impl RedisBroker {
             history: script!("history.lua"),
             marker: script!("marker.lua"),
         };
-        broker.check_version().await?;
-        broker.load_scripts().await?;
+        broker.check_version().await.map_err(tls::explained)?;
+        broker.load_scripts().await.map_err(tls::explained)?;
         Ok(broker)
     }
 

@@ -4,10 +4,11 @@
 use std::time::Duration;
 
 use redis::{
-    ConnectionAddr,
+    ConnectionAddr, IntoConnectionInfo, TlsMode,
     sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
 };
 
+use super::tls;
 use crate::{BrokerConfig, BrokerError};
 
 /// The primary's address source.
@@ -22,19 +23,60 @@ pub(crate) enum Source {
 }
 
 impl Source {
+    /// The one place Redis clients are built: address, credentials and TLS.
     pub(crate) fn new(config: &BrokerConfig) -> Result<Self, BrokerError> {
+        let certificates = tls::certificates(config).map_err(BrokerError::Config)?;
+        if config.redis_tls_enabled() {
+            tls::install_crypto();
+        }
         if let Some(url) = &config.redis_url {
-            return Ok(Self::Url(redis::Client::open(url.as_str())?));
+            let info = url.as_str().into_connection_info()?;
+            let client = match certificates {
+                Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
+                None => redis::Client::open(info)?,
+            };
+            if !config.redis_tls_skip_hostname_check {
+                return Ok(Self::Url(client));
+            }
+            tracing::warn!(
+                "REDIS_TLS_SKIP_HOSTNAME_CHECK is on: any server with a certificate from a \
+                 trusted CA is accepted as Redis; for development only"
+            );
+            let info = client.get_connection_info().clone();
+            let mut addr = info.addr().clone();
+            addr.set_danger_accept_invalid_hostnames(true);
+            return Ok(Self::Url(redis::Client::open(info.set_addr(addr))?));
         }
         let master = config.redis_sentinel_master.clone().unwrap_or_default();
+        let tls_on = config.redis_tls;
         let sentinels = config
             .redis_sentinels
             .iter()
-            .map(|s| parse_host_port(s).map(|(host, port)| ConnectionAddr::Tcp(host, port)))
+            .map(|s| {
+                parse_host_port(s).map(|(host, port)| match tls_on {
+                    true => ConnectionAddr::TcpTls {
+                        host,
+                        port,
+                        insecure: false,
+                        tls_params: None,
+                    },
+                    false => ConnectionAddr::Tcp(host, port),
+                })
+            })
             .collect::<Result<Vec<_>, _>>()
             .map_err(BrokerError::Config)?;
         let mut builder =
             SentinelClientBuilder::new(sentinels, master.clone(), SentinelServerType::Master)?;
+        if tls_on {
+            builder = builder
+                .set_client_to_redis_tls_mode(TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+            if let Some(certificates) = certificates {
+                builder = builder
+                    .set_client_to_redis_certificates(certificates.clone())
+                    .set_client_to_sentinel_certificates(certificates);
+            }
+        }
         if let Some(username) = &config.redis_username {
             builder = builder.set_client_to_redis_username(username);
         }
@@ -66,9 +108,12 @@ impl Source {
                 let ask = async { client.lock().await.async_get_client().await };
                 match tokio::time::timeout(timeout, ask).await {
                     Ok(Ok(client)) => Ok(client),
-                    Ok(Err(e)) => Err(BrokerError::Sentinel {
-                        master: master.clone(),
-                        source: e,
+                    Ok(Err(e)) => Err(match tls::explain(&e) {
+                        Some(message) => BrokerError::Tls(message),
+                        None => BrokerError::Sentinel {
+                            master: master.clone(),
+                            source: e,
+                        },
                     }),
                     Err(_) => Err(BrokerError::Timeout(timeout)),
                 }

@@ -7,6 +7,7 @@ pub mod proxy;
 pub mod redis;
 pub mod sentinel;
 pub mod sse;
+pub mod tls;
 pub mod ws;
 
 use std::{future::Future, io, time::Duration};

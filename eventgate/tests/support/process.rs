@@ -6,6 +6,36 @@ use tokio::process::{Child, Command};
 
 use super::{SOON, TEST_PUBLISHER_KEY, TEST_SECRET, redis::free_port, wait_until};
 
+/// The binary under test, started with a clean environment plus `env`, its output piped.
+pub fn eventgate(args: &[&str], env: &[(&str, &str)]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_eventgate"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "debug")
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start eventgate")
+}
+
+/// Runs the binary to completion (bounded) and returns (status, stdout + stderr).
+pub async fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let child = eventgate(args, env);
+    let output = tokio::time::timeout(SOON, child.wait_with_output())
+        .await
+        .expect("eventgate exits")
+        .expect("output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
+}
+
 /// A running `eventgate <subcommand>`; killed when dropped.
 pub struct Service {
     pub child: Child,

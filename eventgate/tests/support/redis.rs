@@ -12,8 +12,10 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     persistent: bool,
     password: Option<String>,
-    /// More `redis-server` arguments (a replica's `--replicaof`).
+    /// More `redis-server` arguments (a replica's `--replicaof`, TLS files).
     extra: Vec<String>,
+    /// Speaks TLS only (`rediss://`); the test's own connections present these.
+    tls: Option<redis::TlsCertificates>,
     child: Option<Child>,
 }
 
@@ -40,26 +42,52 @@ pub fn free_port() -> u16 {
 impl RedisServer {
     /// A Redis without persistence: a restart loses everything.
     pub async fn start() -> Self {
-        Self::launch(false, None, Vec::new()).await
+        Self::launch(false, None, Vec::new(), None).await
+    }
+
+    /// A Redis that speaks only TLS with `certs`' server certificate, requiring client
+    /// certificates when `require_clients`; persistent (fsync always) when `persistent`.
+    pub async fn start_tls(
+        certs: &super::tls::Certs,
+        require_clients: bool,
+        persistent: bool,
+    ) -> Self {
+        let mut extra: Vec<String> = Vec::new();
+        for (flag, file) in [
+            ("--tls-cert-file", "server.crt"),
+            ("--tls-key-file", "server.key"),
+            ("--tls-ca-cert-file", "ca.crt"),
+        ] {
+            extra.push(flag.into());
+            extra.push(certs.file(file));
+        }
+        extra.push("--tls-auth-clients".into());
+        extra.push(if require_clients { "yes" } else { "no" }.into());
+        Self::launch(persistent, None, extra, Some(certs.client_certificates())).await
     }
 
     /// A replica of the Redis on `port`, without persistence.
     pub async fn start_replica_of(port: u16) -> Self {
         let extra = vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()];
-        Self::launch(false, None, extra).await
+        Self::launch(false, None, extra, None).await
     }
 
     /// A Redis with an fsync-always append-only file: a restart keeps every acknowledged write.
     pub async fn start_persistent() -> Self {
-        Self::launch(true, None, Vec::new()).await
+        Self::launch(true, None, Vec::new(), None).await
     }
 
     /// A Redis that requires `password`.
     pub async fn start_with_password(password: &str) -> Self {
-        Self::launch(false, Some(password.to_owned()), Vec::new()).await
+        Self::launch(false, Some(password.to_owned()), Vec::new(), None).await
     }
 
-    async fn launch(persistent: bool, password: Option<String>, extra: Vec<String>) -> Self {
+    async fn launch(
+        persistent: bool,
+        password: Option<String>,
+        extra: Vec<String>,
+        tls: Option<redis::TlsCertificates>,
+    ) -> Self {
         for _ in 0..20 {
             let mut server = Self {
                 port: free_port(),
@@ -67,6 +95,7 @@ impl RedisServer {
                 persistent,
                 password: password.clone(),
                 extra: extra.clone(),
+                tls: tls.clone(),
                 child: None,
             };
             if server.spawn().await {
@@ -79,8 +108,12 @@ impl RedisServer {
     /// Starts the process on `self.port`; `false` if it did not come up.
     async fn spawn(&mut self) -> bool {
         let mut cmd = Command::new(redis_binary());
-        cmd.arg("--port")
-            .arg(self.port.to_string())
+        if self.tls.is_some() {
+            cmd.args(["--port", "0", "--tls-port"]);
+        } else {
+            cmd.arg("--port");
+        }
+        cmd.arg(self.port.to_string())
             .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
             .args(["--loglevel", "warning", "--protected-mode", "no"])
             .arg("--dir")
@@ -103,10 +136,11 @@ impl RedisServer {
             return false;
         };
         self.child = Some(child);
-        let url = self.url();
-        let up = wait_until(Duration::from_secs(5), || {
-            let url = url.clone();
-            async move { ping(&url).await }
+        let up = wait_until(Duration::from_secs(5), || async {
+            match self.client() {
+                Some(client) => ping(client).await,
+                None => false,
+            }
         })
         .await;
         if !up {
@@ -116,9 +150,21 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match &self.password {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(password) => format!("{scheme}://:{password}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
+        }
+    }
+
+    fn client(&self) -> Option<redis::Client> {
+        match &self.tls {
+            Some(certs) => redis::Client::build_with_tls(self.url(), certs.clone()).ok(),
+            None => redis::Client::open(self.url()).ok(),
         }
     }
 
@@ -167,7 +213,7 @@ impl RedisServer {
 
     /// A connection for assertions and fault injection.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
+        self.client()
             .expect("redis url")
             .get_multiplexed_async_connection()
             .await
@@ -185,10 +231,7 @@ impl RedisServer {
     }
 }
 
-async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
+async fn ping(client: redis::Client) -> bool {
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
         return false;
     };
