@@ -17,7 +17,15 @@ use crate::Channel;
 pub const MAX_EVENT_NAME_BYTES: usize = 128;
 
 /// Event names the gateway itself sends; publishers may not use them.
-pub const RESERVED_EVENT_NAMES: &[&str] = &["reset"];
+///
+/// `reset` and `expired` are the gateway's own notices; `error` and `open` are what a browser's
+/// `EventSource` fires for its connection (`onerror` makes apps reconnect, `onopen` reset
+/// their state). A publisher must not be able to imitate either. Names are compared without
+/// regard to case, and names starting with `eventgate` are kept for future notices.
+pub const RESERVED_EVENT_NAMES: &[&str] = &["reset", "expired", "error", "open"];
+
+/// Event names beginning with this (in any case) are reserved too.
+pub const RESERVED_EVENT_PREFIX: &str = "eventgate";
 
 /// An event as stored in history and carried on the live feed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,7 +65,10 @@ pub enum EventNameError {
     TooLong(usize),
     #[error("event name contains a control character")]
     ControlChar,
-    #[error("event name {0:?} is reserved for the gateway")]
+    #[error(
+        "event name {0:?} is reserved: reset, expired, error, open and names starting with \
+         eventgate mean something to the gateway or the browser"
+    )]
     Reserved(String),
 }
 
@@ -73,7 +84,8 @@ pub fn check_event_name(name: &str) -> Result<(), EventNameError> {
     if name.chars().any(char::is_control) {
         return Err(EventNameError::ControlChar);
     }
-    if RESERVED_EVENT_NAMES.contains(&name) {
+    let lower = name.to_ascii_lowercase();
+    if RESERVED_EVENT_NAMES.contains(&lower.as_str()) || lower.starts_with(RESERVED_EVENT_PREFIX) {
         return Err(EventNameError::Reserved(name.to_owned()));
     }
     Ok(())
@@ -253,10 +265,26 @@ mod tests {
         assert!(check_event_name("order:created").is_ok());
         assert_eq!(check_event_name(""), Err(EventNameError::Empty));
         assert_eq!(check_event_name("a\nb"), Err(EventNameError::ControlChar));
-        assert_eq!(
-            check_event_name("reset"),
-            Err(EventNameError::Reserved("reset".into()))
+        for name in [
+            "reset",
+            "expired",
+            "error",
+            "open",
+            "Error",
+            "OPEN",
+            "eventgate:ping",
+        ] {
+            assert_eq!(
+                check_event_name(name),
+                Err(EventNameError::Reserved(name.into())),
+                "{name}"
+            );
+        }
+        assert!(
+            check_event_name("message").is_ok(),
+            "the name of unnamed events"
         );
+        assert!(check_event_name("order:error").is_ok());
         assert!(matches!(
             check_event_name(&"x".repeat(129)),
             Err(EventNameError::TooLong(129))

@@ -18,15 +18,34 @@ pub struct EdgeConfig {
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: TrustedProxies,
 
+    /// IPv6 clients count per network of this prefix length for rate limits and per-IP caps:
+    /// one host usually holds a whole /64, so its addresses are one client.
+    #[arg(long, env = "IPV6_PREFIX_LEN", default_value_t = 64,
+          value_parser = clap::value_parser!(u8).range(32..=128))]
+    pub ipv6_prefix_len: u8,
+
     /// A client must send its whole request head within this (slowloris).
     #[arg(long, env = "REQUEST_HEADER_TIMEOUT", default_value = "10s",
           value_parser = crate::config::parse_duration)]
     pub request_header_timeout: Duration,
 }
 
-/// `TRUSTED_PROXIES`: the peers whose `X-Forwarded-For` / `X-Real-IP` are believed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<IpNet>);
+/// Who a client is: `TRUSTED_PROXIES`, the peers whose `X-Forwarded-For` / `X-Real-IP` are
+/// believed, and `IPV6_PREFIX_LEN`, how much of an IPv6 address names one client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustedProxies {
+    proxies: Vec<IpNet>,
+    ipv6_prefix: u8,
+}
+
+impl Default for TrustedProxies {
+    fn default() -> Self {
+        Self {
+            proxies: Vec::new(),
+            ipv6_prefix: 64,
+        }
+    }
+}
 
 impl TrustedProxies {
     /// Parses a comma-separated list of CIDRs or bare addresses (`10.0.0.0/8,127.0.0.1`).
@@ -40,16 +59,38 @@ impl TrustedProxies {
                     .map_err(|_| format!("{s:?} is not an address or CIDR (10.0.0.0/8)"))
             })
             .collect::<Result<_, _>>()
-            .map(Self)
+            .map(|proxies| Self {
+                proxies,
+                ..Self::default()
+            })
+    }
+
+    /// The same proxies, with IPv6 clients keyed on `/prefix` networks (`IPV6_PREFIX_LEN`).
+    pub fn with_ipv6_prefix(mut self, prefix: u8) -> Self {
+        self.ipv6_prefix = prefix.min(128);
+        self
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        self.0.iter().any(|net| net.contains(&ip))
+        self.proxies.iter().any(|net| net.contains(&ip))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.proxies.is_empty()
+    }
+
+    /// The key a client's rate limits and caps count under: its address ([`Self::client_ip`]),
+    /// an IPv6 one cut to its `IPV6_PREFIX_LEN` network (a host with a /64 picks any address
+    /// in it, so per-address keys would let it escape every limit).
+    pub fn client_key(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        match self.client_ip(peer, headers) {
+            IpAddr::V6(v6) => {
+                let net = ipnet::Ipv6Net::new(v6, self.ipv6_prefix).map_or(v6, |n| n.network());
+                IpAddr::V6(net)
+            }
+            v4 => v4,
+        }
     }
 
     /// The client's address: the socket peer, unless the peer is a trusted proxy. Then the
@@ -382,6 +423,35 @@ mod tests {
             TrustedProxies::default().client_ip(mapped, &h),
             ip("127.0.0.1")
         );
+    }
+
+    #[test]
+    fn ipv6_clients_are_keyed_on_their_network() {
+        let none = TrustedProxies::default();
+        let h = HeaderMap::new();
+        let a = none.client_key(ip("2001:db8:1:2:aaaa::1"), &h);
+        let b = none.client_key(ip("2001:db8:1:2:ffff:1:2:3"), &h);
+        assert_eq!(a, b, "one /64, one client");
+        assert_eq!(a, ip("2001:db8:1:2::"));
+        assert_ne!(a, none.client_key(ip("2001:db8:1:3::1"), &h), "another /64");
+        // IPv4 (and IPv4-mapped) addresses stay whole.
+        assert_eq!(none.client_key(ip("203.0.113.9"), &h), ip("203.0.113.9"));
+        let mapped = IpAddr::V6(Ipv4Addr::new(203, 0, 113, 9).to_ipv6_mapped());
+        assert_eq!(none.client_key(mapped, &h), ip("203.0.113.9"));
+        // The prefix is a setting; through a proxy the forwarded address is cut.
+        let wide = none.clone().with_ipv6_prefix(48);
+        assert_eq!(
+            wide.client_key(ip("2001:db8:1:ffff::9"), &h),
+            ip("2001:db8:1::")
+        );
+        let proxied = TrustedProxies::parse("10.0.0.0/8").expect("parse");
+        let forwarded = headers(&[("x-forwarded-for", "2001:db8:9:9:1::5")]);
+        assert_eq!(
+            proxied.client_key(ip("10.0.0.2"), &forwarded),
+            ip("2001:db8:9:9::")
+        );
+        let whole = none.with_ipv6_prefix(128);
+        assert_eq!(whole.client_key(ip("2001:db8::7"), &h), ip("2001:db8::7"));
     }
 
     #[test]

@@ -6,8 +6,34 @@ use std::borrow::Cow;
 const SECRET_PARAMS: [&str; 5] = ["token", "ticket", "access_token", "key", "api_key"];
 
 /// `path?query` with the values of credential parameters (`token`, `ticket`, ...) replaced by
-/// `REDACTED`, for log lines. Other parameters stay as they are.
+/// `REDACTED`, for log lines, and anything but visible ASCII percent-encoded (see
+/// [`escape_for_log`]). Other parameters stay as they are.
 pub fn redact_uri(uri: &str) -> Cow<'_, str> {
+    match redact_query(uri) {
+        Cow::Borrowed(uri) => escape_for_log(uri),
+        Cow::Owned(uri) => Cow::Owned(escape_for_log(&uri).into_owned()),
+    }
+}
+
+/// `text` with every byte outside visible ASCII percent-encoded: a request target in a log line
+/// can hold no line break, control character or Unicode that changes how the line reads
+/// (hyper refuses such targets; the gateway's own SSE path reads heads itself).
+pub fn escape_for_log(text: &str) -> Cow<'_, str> {
+    if text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for b in text.bytes() {
+        if b.is_ascii_graphic() {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn redact_query(uri: &str) -> Cow<'_, str> {
     let Some((path, query)) = uri.split_once('?') else {
         return Cow::Borrowed(uri);
     };
@@ -86,5 +112,19 @@ mod tests {
             "/x?%74oken=REDACTED&Ticket=REDACTED"
         );
         assert_eq!(redact_uri("/plain"), "/plain");
+    }
+
+    #[test]
+    fn targets_cannot_break_or_disguise_a_log_line() {
+        assert_eq!(
+            redact_uri("/v1/events?channel=a\nFAKE log line&x=\u{e9}\u{202e}"),
+            "/v1/events?channel=a%0AFAKE%20log%20line&x=%C3%A9%E2%80%AE"
+        );
+        // Encoded text stays encoded: nothing is decoded for the log.
+        assert_eq!(redact_uri("/x?c=a%0ab"), "/x?c=a%0ab");
+        assert_eq!(
+            redact_uri("/x?token=\u{e9}secret&c=\u{e9}"),
+            "/x?token=REDACTED&c=%C3%A9"
+        );
     }
 }

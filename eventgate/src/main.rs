@@ -145,7 +145,10 @@ fn main() -> ExitCode {
         Command::Gateway { gateway, edge, .. } => {
             gateway.shutdown_timeout = cli.drain_timeout;
             gateway.drain_grace = cli.drain_grace;
-            gateway.trusted_proxies = edge.trusted_proxies.clone();
+            gateway.trusted_proxies = edge
+                .trusted_proxies
+                .clone()
+                .with_ipv6_prefix(edge.ipv6_prefix_len);
             gateway.request_header_timeout = edge.request_header_timeout;
         }
         Command::Publisher {
@@ -153,7 +156,10 @@ fn main() -> ExitCode {
         } => {
             publisher.shutdown_timeout = cli.drain_timeout;
             publisher.drain_grace = cli.drain_grace;
-            publisher.trusted_proxies = edge.trusted_proxies.clone();
+            publisher.trusted_proxies = edge
+                .trusted_proxies
+                .clone()
+                .with_ipv6_prefix(edge.ipv6_prefix_len);
             publisher.request_header_timeout = edge.request_header_timeout;
         }
         Command::Standalone(args) => {
@@ -161,9 +167,17 @@ fn main() -> ExitCode {
             args.publisher.shutdown_timeout = cli.drain_timeout;
             args.gateway.drain_grace = cli.drain_grace;
             args.publisher.drain_grace = cli.drain_grace;
-            args.gateway.trusted_proxies = args.edge.trusted_proxies.clone();
+            args.gateway.trusted_proxies = args
+                .edge
+                .trusted_proxies
+                .clone()
+                .with_ipv6_prefix(args.edge.ipv6_prefix_len);
             args.gateway.request_header_timeout = args.edge.request_header_timeout;
-            args.publisher.trusted_proxies = args.edge.trusted_proxies.clone();
+            args.publisher.trusted_proxies = args
+                .edge
+                .trusted_proxies
+                .clone()
+                .with_ipv6_prefix(args.edge.ipv6_prefix_len);
             args.publisher.request_header_timeout = args.edge.request_header_timeout;
         }
         Command::Health { .. } => {}

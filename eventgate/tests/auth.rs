@@ -882,7 +882,8 @@ async fn minted_tokens_work_on_the_gateway_within_the_keys_scope() {
     options.publisher.publisher_api_keys = vec![
         TEST_PUBLISHER_KEY.into(),
         "invoices-key-0123456789=invoice:*".into(),
-        "invoices-users-key-0123456789=invoice:*|user:*".into(),
+        "invoices-users-key-0123456789=invoice:*|user:*;subjects=*".into(),
+        "tenant-key-0123456789=invoice:*|user:*;subjects=tenant-7:*".into(),
     ];
     options.auth.default_channels = vec!["user:{sub}".into()];
     let stack = Stack::start_with(Backend::Memory, options).await;
@@ -989,6 +990,47 @@ async fn minted_tokens_work_on_the_gateway_within_the_keys_scope() {
         narrower.status(),
         StatusCode::OK,
         "a scoped key grants within its scope"
+    );
+
+    // Subjects: a key limited to channels mints only for the subjects its entry names.
+    let refused = mint(
+        &stack,
+        "invoices-key-0123456789",
+        json!({"sub": "victim", "channels": []}),
+    )
+    .await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    let body: Value = refused.json().await.expect("JSON");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("subjects=")),
+        "{body}"
+    );
+    let (status, _, _) = refusal(
+        mint(
+            &stack,
+            "tenant-key-0123456789",
+            json!({"sub": "tenant-8:eve"}),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "another tenant's user");
+    let own = mint(
+        &stack,
+        "tenant-key-0123456789",
+        json!({"sub": "tenant-7:alex", "channels": ["invoice:7"]}),
+    )
+    .await;
+    assert_eq!(own.status(), StatusCode::OK);
+    let body: Value = own.json().await.expect("JSON");
+    let token = body["token"].as_str().expect("token");
+    assert_eq!(
+        events_with(&stack, 0, "channel=invoice:7", token)
+            .await
+            .status(),
+        StatusCode::OK
     );
 }
 

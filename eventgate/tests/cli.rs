@@ -632,3 +632,55 @@ async fn json_log_lines_carry_the_callers_trace_when_tracing_is_on() {
     );
     assert!(!line.contains("not-the-key"), "{line}");
 }
+
+/// The gateway reads SSE request heads itself: a target with an encoded newline and raw UTF-8
+/// reaches its log line escaped, on one line, like the router's request logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_targets_are_escaped_in_log_lines() {
+    let mut server = eventgate(
+        &[],
+        &[
+            ("GATEWAY_ADDR", "127.0.0.1:0"),
+            ("PUBLISHER_ADDR", "127.0.0.1:0"),
+            ("RUST_LOG", "info"),
+            ("DRAIN_GRACE", "100ms"),
+        ],
+    );
+    let mut lines = Vec::new();
+    read_until(&mut server, &mut lines, |l| l.contains("/v1/publish")).await;
+    let gateway = printed_url(&lines, "gateway");
+    let addr = gateway.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let target = "/v1/events?channel=a%0aFORGED-LINE&note=\u{e9}\u{202e}x";
+    let request = format!("GET {target} HTTP/1.1\r\nhost: x\r\n\r\n");
+    tokio::io::AsyncWriteExt::write_all(&mut stream, request.as_bytes())
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.expect("read");
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.contains("invalid_channel"),
+        "{answer}"
+    );
+
+    sigterm(&server);
+    let output = tokio::time::timeout(SOON, server.wait_with_output())
+        .await
+        .expect("exits")
+        .expect("output");
+    let log = String::from_utf8_lossy(&output.stderr);
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .collect();
+    assert_eq!(refused.len(), 1, "{log}");
+    assert!(
+        refused[0].contains("channel=a%0aFORGED-LINE&note=%C3%A9%E2%80%AEx"),
+        "{}",
+        refused[0]
+    );
+    assert!(
+        !log.contains('\u{e9}') && !log.contains('\u{202e}'),
+        "{log}"
+    );
+}

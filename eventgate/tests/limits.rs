@@ -126,6 +126,31 @@ async fn proxy_headers_count_only_from_trusted_proxies() {
     );
 }
 
+/// One IPv6 host holds a /64 and may use any address in it: it is one client for caps and
+/// rates (`IPV6_PREFIX_LEN`), here behind a proxy that forwards its addresses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_are_capped_per_network_not_per_address() {
+    let stack = memory_stack(|o| {
+        o.gateway.trusted_proxies = TrustedProxies::parse("127.0.0.1/32").expect("cidr");
+        o.gateway.max_connections_per_ip = 2;
+    })
+    .await;
+    let from = |ip: &'static str| [("x-forwarded-for", ip)];
+    let _one = open_sse(&stack, &from("2001:db8:1:2::1")).await;
+    let _two = open_ws(&stack, &from("2001:db8:1:2:aaaa:bbbb:cccc:dddd"))
+        .await
+        .expect("second stream of the network");
+    let third = open_sse(&stack, &from("2001:db8:1:2:ffff::9")).await;
+    assert_sse_refused(third, StatusCode::TOO_MANY_REQUESTS, "too_many_connections").await;
+    let neighbour = open_sse(&stack, &from("2001:db8:1:3::1")).await;
+    assert_eq!(
+        neighbour.status,
+        StatusCode::OK,
+        "another /64 is another client"
+    );
+    assert_eq!(stack.stats(0).await["refused"]["per_ip_cap"], 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connect_rate_covers_sse_and_websocket_and_recovers() {
     let stack = memory_stack(|o| o.gateway.rate_limit_connect = rate("1/s,burst=2")).await;

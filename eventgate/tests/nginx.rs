@@ -266,3 +266,46 @@ async fn follow_ws(source: IpAddr, url: String, want: usize) -> (Vec<u64>, usize
     }
     (ids, connects)
 }
+
+/// A cookie WebSocket through the shipped nginx on a non-default port: the page's own origin
+/// (scheme, host and port as the browser saw them) is let in, any other refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cookie_websockets_through_nginx_check_the_full_origin() {
+    let services = process::Deployment::start(1, &[("AUTH_COOKIE", "eg_session")]).await;
+    let port = services
+        .nginx
+        .url
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_owned();
+    let ws_url = format!(
+        "{}/v1/ws",
+        services.nginx.url.replacen("http://", "ws://", 1)
+    );
+    let cookie = format!("eg_session={}", test_token());
+    let own = format!("http://127.0.0.1:{port}");
+    let mut ws = WsClient::connect_headers(&ws_url, &[("cookie", &cookie), ("origin", &own)])
+        .await
+        .unwrap_or_else(|e| panic!("the page's own origin {own} is refused: {e:?}"));
+    let reply = ws
+        .request(json!({"type": "subscribe", "channel": "orders"}))
+        .await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    for foreign in [
+        "http://evil.example".to_owned(),
+        "http://127.0.0.1".to_owned(),
+        format!("https://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+    ] {
+        let refused =
+            WsClient::connect_headers(&ws_url, &[("cookie", &cookie), ("origin", &foreign)]).await;
+        match refused {
+            Err((status, body)) => {
+                assert_eq!(status, StatusCode::FORBIDDEN, "{foreign}: {body}");
+                assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
+            }
+            Ok(_) => panic!("{foreign} opened a cookie WebSocket"),
+        }
+    }
+}

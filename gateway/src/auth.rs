@@ -241,11 +241,13 @@ pub fn cors_header_lines(headers: &HeaderMap, allowed: Option<&[String]>) -> Str
 /// always may. With `ALLOWED_ORIGINS` unset any origin may, except when the credential is a
 /// cookie: a cookie rides along on cross-site requests, so it counts only from the gateway's
 /// own origin (cross-site WebSocket hijacking). Requests without `Origin` are not from a
-/// browser page and pass.
+/// browser page and pass. `via_proxy`: the peer is a trusted proxy, whose `X-Forwarded-Proto`
+/// and `X-Forwarded-Host` say what the browser connected to.
 pub fn check_ws_origin(
     headers: &HeaderMap,
     allowed: Option<&[String]>,
     source: Option<Source>,
+    via_proxy: bool,
 ) -> Result<(), ApiError> {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
@@ -259,19 +261,68 @@ pub fn check_ws_origin(
             refuse()
         };
     }
-    if source == Some(Source::Cookie) && !same_origin(text, headers) {
+    if source == Some(Source::Cookie) && !same_origin(text, headers, via_proxy) {
         return refuse();
     }
     Ok(())
 }
 
-/// Whether `origin` (`scheme://host[:port]`) names the host the request was sent to.
-fn same_origin(origin: &str, headers: &HeaderMap) -> bool {
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin
-        .split_once("://")
-        .map(|(_, rest)| rest.trim_end_matches('/'));
-    matches!((host, origin_host), (Some(h), Some(o)) if h.eq_ignore_ascii_case(o))
+/// Whether `origin` is the origin the request was sent to: the same scheme, host and port
+/// (the scheme's default when none is written). Behind a trusted proxy that is its
+/// `X-Forwarded-Proto` and `X-Forwarded-Host`; otherwise plain HTTP to `Host`.
+fn same_origin(origin: &str, headers: &HeaderMap, via_proxy: bool) -> bool {
+    let header = |name: &str| {
+        let value = headers.get(name)?.to_str().ok()?;
+        // The first proxy's view, when several appended theirs.
+        Some(value.split(',').next().unwrap_or(value).trim())
+    };
+    let forwarded = |name: &str| if via_proxy { header(name) } else { None };
+    let scheme = forwarded("x-forwarded-proto").unwrap_or("http");
+    let Some(host) = forwarded("x-forwarded-host").or_else(|| header("host")) else {
+        return false;
+    };
+    match (
+        parse_origin(origin),
+        parse_origin(&format!("{scheme}://{host}")),
+    ) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => false,
+    }
+}
+
+/// `scheme://host[:port]` as (scheme, host, port), lower-cased, the port defaulted by scheme.
+fn parse_origin(text: &str) -> Option<(String, String, u16)> {
+    let (scheme, authority) = text.trim().split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default = match scheme.as_str() {
+        "http" | "ws" => 80,
+        "https" | "wss" => 443,
+        _ => return None,
+    };
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
+        return None;
+    }
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, rest) = v6.split_once(']')?;
+            (host, rest.strip_prefix(':'))
+        }
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (authority, None),
+        },
+    };
+    let port = match port {
+        Some(port) => port.parse().ok()?,
+        None => default,
+    };
+    let scheme = match scheme.as_str() {
+        "ws" => "http".to_owned(),
+        "wss" => "https".to_owned(),
+        _ => scheme,
+    };
+    Some((scheme, host.to_ascii_lowercase(), port))
 }
 
 #[cfg(test)]
@@ -350,11 +401,52 @@ mod tests {
     #[test]
     fn cookie_credentials_need_the_gateways_own_origin() {
         let cross = headers(&[("origin", "https://evil.example"), ("host", "gw.example")]);
-        let same = headers(&[("origin", "https://gw.example"), ("host", "gw.example")]);
-        assert!(check_ws_origin(&cross, None, Some(Source::Cookie)).is_err());
-        assert!(check_ws_origin(&cross, None, Some(Source::Ticket)).is_ok());
-        assert!(check_ws_origin(&same, None, Some(Source::Cookie)).is_ok());
+        let same = headers(&[("origin", "http://gw.example"), ("host", "gw.example")]);
+        assert!(check_ws_origin(&cross, None, Some(Source::Cookie), false).is_err());
+        assert!(check_ws_origin(&cross, None, Some(Source::Ticket), false).is_ok());
+        assert!(check_ws_origin(&same, None, Some(Source::Cookie), false).is_ok());
         let listed = vec!["https://evil.example/".to_owned()];
-        assert!(check_ws_origin(&cross, Some(&listed), Some(Source::Cookie)).is_ok());
+        assert!(check_ws_origin(&cross, Some(&listed), Some(Source::Cookie), false).is_ok());
+    }
+
+    #[test]
+    fn the_origin_check_compares_scheme_host_and_port_as_the_browser_saw_them() {
+        let cookie = Some(Source::Cookie);
+        // Behind nginx on a non-default port: Host lost the port, X-Forwarded-Host kept it.
+        let proxied = |origin: &str| {
+            headers(&[
+                ("origin", origin),
+                ("host", "127.0.0.1"),
+                ("x-forwarded-host", "127.0.0.1:8443"),
+                ("x-forwarded-proto", "https"),
+            ])
+        };
+        assert!(check_ws_origin(&proxied("https://127.0.0.1:8443"), None, cookie, true).is_ok());
+        for other in [
+            "http://127.0.0.1:8443",
+            "https://127.0.0.1",
+            "https://127.0.0.1:9443",
+            "https://localhost:8443",
+            "https://127.0.0.1:8443.evil.example",
+            "null",
+        ] {
+            assert!(
+                check_ws_origin(&proxied(other), None, cookie, true).is_err(),
+                "{other}"
+            );
+        }
+        // The forwarded headers count only from a trusted proxy.
+        assert!(check_ws_origin(&proxied("https://127.0.0.1:8443"), None, cookie, false).is_err());
+        assert!(check_ws_origin(&proxied("http://127.0.0.1"), None, cookie, false).is_ok());
+        // Default ports are the same origin written or not; case does not matter.
+        let https = headers(&[
+            ("origin", "https://App.Example.com"),
+            ("host", "gw"),
+            ("x-forwarded-host", "app.example.com:443"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        assert!(check_ws_origin(&https, None, cookie, true).is_ok());
+        let v6 = headers(&[("origin", "http://[::1]:8080"), ("host", "[::1]:8080")]);
+        assert!(check_ws_origin(&v6, None, cookie, false).is_ok());
     }
 }

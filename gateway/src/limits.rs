@@ -203,15 +203,15 @@ fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// The client address of a request that went through the router: the connection's peer
-/// (put into the request by the server), resolved through `TRUSTED_PROXIES`.
-pub fn client_ip<B>(trusted: &TrustedProxies, request: &Request<B>) -> Option<IpAddr> {
+/// The client key of a request that went through the router: the connection's peer (put into
+/// the request by the server), resolved through `TRUSTED_PROXIES`, IPv6 cut to its network.
+pub fn client_key<B>(trusted: &TrustedProxies, request: &Request<B>) -> Option<IpAddr> {
     let peer = request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()?
         .0
         .ip();
-    Some(trusted.client_ip(peer, request.headers()))
+    Some(trusted.client_key(peer, request.headers()))
 }
 
 /// The limiter inside a `tower_governor` layer, for the periodic cleanup.
@@ -232,7 +232,7 @@ impl KeyExtractor for ClientIpKey {
     type Key = IpAddr;
 
     fn extract<T>(&self, request: &Request<T>) -> Result<IpAddr, GovernorError> {
-        client_ip(&self.0, request).ok_or(GovernorError::UnableToExtractKey)
+        client_key(&self.0, request).ok_or(GovernorError::UnableToExtractKey)
     }
 }
 

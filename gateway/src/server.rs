@@ -164,13 +164,36 @@ async fn hyper_connection(
 /// Reads until the first request head is complete (`Ok(true)`), the peer closes, or `max`
 /// bytes arrived without one (`Ok(false)`).
 async fn read_head(stream: &mut TcpStream, head: &mut BytesMut, max: usize) -> io::Result<bool> {
+    let mut end = HeadEnd::default();
     loop {
-        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+        if end.found(head) {
             return Ok(true);
         }
         if head.len() >= max || stream.read_buf(head).await? == 0 {
             return Ok(false);
         }
+    }
+}
+
+/// Looks for the blank line that ends a request head as bytes arrive, each byte once: a head
+/// sent a byte per segment costs linear work, not a rescan of everything per read.
+#[derive(Default)]
+struct HeadEnd {
+    /// Bytes of the head already looked at.
+    scanned: usize,
+    /// Bytes examined in all (the test's measure of the work).
+    examined: usize,
+}
+
+impl HeadEnd {
+    /// Whether `head` (the same buffer, grown since the last call) holds `\r\n\r\n`.
+    fn found(&mut self, head: &[u8]) -> bool {
+        // A terminator may straddle the old end: look back three bytes.
+        let from = self.scanned.saturating_sub(3);
+        let new = &head[from.min(head.len())..];
+        self.examined += new.len();
+        self.scanned = head.len();
+        new.windows(4).any(|w| w == b"\r\n\r\n")
     }
 }
 
@@ -242,7 +265,7 @@ async fn native_sse(
     let client = state
         .admission
         .trusted
-        .client_ip(peer.ip(), &request.headers);
+        .client_key(peer.ip(), &request.headers);
     // Boxed and dropped once done: opening (auth, attach, first replay page) is a large future
     // that an idle stream should not keep.
     let opened = Box::pin(sse::open(
@@ -465,6 +488,43 @@ mod tests {
         ] {
             let n = chunk_size_line(len, &mut out);
             assert_eq!(&out[..n], want.as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_head_sent_byte_by_byte_is_scanned_in_linear_time() {
+        let max = 16 * 1024;
+        let mut head = b"GET /v1/events?channel=a HTTP/1.1\r\n".to_vec();
+        while head.len() < max - 4 {
+            head.extend_from_slice(b"x-pad: y\r\n");
+        }
+        head.truncate(max - 4);
+        head.extend_from_slice(b"\r\n\r\n");
+        let mut end = HeadEnd::default();
+        let mut buffer = Vec::new();
+        let mut complete = false;
+        for &byte in &head {
+            buffer.push(byte);
+            complete = end.found(&buffer);
+            if complete {
+                break;
+            }
+        }
+        assert!(complete && buffer.len() == head.len());
+        // Rescanning the buffer after every byte would examine about max²/2 bytes.
+        assert!(
+            end.examined <= 4 * head.len(),
+            "{} bytes examined for a {}-byte head",
+            end.examined,
+            head.len()
+        );
+        // Split anywhere, the terminator is still found once complete.
+        for split in 1..4 {
+            let mut end = HeadEnd::default();
+            let whole = b"GET / HTTP/1.1\r\n\r\n";
+            let cut = whole.len() - split;
+            assert!(!end.found(&whole[..cut]));
+            assert!(end.found(whole), "split {split} bytes before the end");
         }
     }
 

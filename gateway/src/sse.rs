@@ -169,7 +169,7 @@ pub async fn events(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let client = state.admission.trusted.client_ip(peer.ip(), &headers);
+    let client = state.admission.trusted.client_key(peer.ip(), &headers);
     let body = open(&state, client, query.as_deref(), &headers).await?;
     let mut response = Body::new(body).into_response();
     let headers = response.headers_mut();

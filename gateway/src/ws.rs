@@ -59,7 +59,7 @@ pub async fn upgrade(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|r| ApiError::Handshake(r.status(), r.body_text()))?;
-    let client = state.admission.trusted.client_ip(peer.ip(), &headers);
+    let client = state.admission.trusted.client_key(peer.ip(), &headers);
     let mut slot = state.admission.admit(client)?;
     let credential = state
         .auth
@@ -70,6 +70,7 @@ pub async fn upgrade(
         &headers,
         state.config.allowed_origins.as_deref(),
         Some(credential.source),
+        state.admission.trusted.contains(peer.ip()),
     )?;
     let identity = state.auth.identify(&state.broker, &credential).await?;
     slot.add_user(&identity.sub)?;

@@ -31,22 +31,82 @@ use crate::{PublisherConfig, PublisherState, error::ApiError, publish::check_con
 /// Shortest key accepted: shorter ones are guessable.
 const MIN_KEY_LEN: usize = 16;
 
-/// What one API key may publish on: `None` is every channel.
+/// What one API key may do: publish on its channels (`None`: every channel), and mint tokens
+/// for its subjects (`None`: any subject).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyScope(Option<Vec<Pattern>>);
+pub struct KeyScope {
+    channels: Option<Vec<Pattern>>,
+    subjects: Option<Vec<SubjectPattern>>,
+}
 
 impl KeyScope {
+    /// A key for everything.
+    pub const ALL: KeyScope = KeyScope {
+        channels: None,
+        subjects: None,
+    };
+
     pub fn allows(&self, channel: &Channel) -> bool {
-        self.0
+        self.channels
             .as_ref()
             .is_none_or(|patterns| patterns.iter().any(|p| p.matches(channel)))
     }
 
     /// Whether a token granting `pattern` stays within this key's channels.
     pub fn covers(&self, pattern: &Pattern) -> bool {
-        self.0
+        self.channels
             .as_ref()
             .is_none_or(|patterns| patterns.iter().any(|p| p.covers(pattern)))
+    }
+
+    /// Whether this key may mint tokens for `sub`.
+    pub fn may_mint_for(&self, sub: &str) -> bool {
+        self.subjects
+            .as_ref()
+            .is_none_or(|patterns| patterns.iter().any(|p| p.matches(sub)))
+    }
+}
+
+/// A subject a key may mint for: exact (`alex`), a prefix (`tenant-7:*`), or `*` for any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubjectPattern {
+    text: String,
+    prefix: bool,
+}
+
+impl SubjectPattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("subject pattern {text:?} {why}");
+        let (text, prefix) = match text.strip_suffix('*') {
+            Some(prefix) => (prefix, true),
+            None => (text, false),
+        };
+        if text.is_empty() && !prefix {
+            return Err(bad("is empty"));
+        }
+        if text.len() > MAX_SUB_LEN {
+            return Err(bad("is too long"));
+        }
+        if text
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || "*|;,".contains(c))
+        {
+            return Err(bad(
+                "may hold no space, control character or * | ; , (but a final *)",
+            ));
+        }
+        Ok(Self {
+            text: text.to_owned(),
+            prefix,
+        })
+    }
+
+    fn matches(&self, sub: &str) -> bool {
+        if self.prefix {
+            sub.starts_with(&self.text)
+        } else {
+            sub == self.text
+        }
     }
 }
 
@@ -122,19 +182,41 @@ impl ApiKeys {
 #[derive(Clone, Debug)]
 pub struct KeyNamespace(pub String);
 
-/// `key` or `key=pattern|pattern`. Keys may end in `=` (base64 padding): the entry is split at
-/// its last `=` only when what follows is a pattern list.
+/// `key`, `key=pattern|pattern`, either followed by `;subjects=pattern|pattern`. Keys may end
+/// in `=` (base64 padding): the key is split at its last `=` only when what follows is a
+/// pattern list. A key limited to channels mints tokens only for the subjects it names: one
+/// service's key must not be able to fill any user's connection cap.
 fn parse_entry(entry: &str) -> Result<([u8; 32], KeyScope), String> {
-    let (key, scope) = match entry.rsplit_once('=') {
+    let (entry, subjects) = match entry.split_once(';') {
+        Some((entry, option)) => {
+            let list = option.trim().strip_prefix("subjects=").ok_or_else(|| {
+                format!("unknown option {option:?}: the one option is subjects=pattern|pattern")
+            })?;
+            let patterns = list
+                .split('|')
+                .map(|p| SubjectPattern::parse(p.trim()))
+                .collect::<Result<Vec<_>, _>>()?;
+            (entry, Some(patterns))
+        }
+        None => (entry, None),
+    };
+    let (key, channels) = match entry.rsplit_once('=') {
         Some((key, patterns)) if !patterns.is_empty() => {
             let patterns = patterns
                 .split('|')
                 .map(|p| Pattern::parse(p.trim()))
                 .collect::<Result<Vec<_>, _>>()?;
-            (key, KeyScope(Some(patterns)))
+            (key, Some(patterns))
         }
-        _ => (entry, KeyScope(None)),
+        _ => (entry, None),
     };
+    let subjects = match (subjects, &channels) {
+        (Some(subjects), _) => Some(subjects),
+        (None, None) => None,
+        // Limited to channels, silent on subjects: no subject.
+        (None, Some(_)) => Some(Vec::new()),
+    };
+    let scope = KeyScope { channels, subjects };
     if key.len() < MIN_KEY_LEN || key.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
             "a key must be at least {MIN_KEY_LEN} characters, without spaces"
@@ -202,7 +284,7 @@ pub async fn require_key(
                 let client = state
                     .config
                     .trusted_proxies
-                    .client_ip(peer, request.headers());
+                    .client_key(peer, request.headers());
                 state
                     .limits
                     .unauthenticated
@@ -314,6 +396,13 @@ pub async fn mint(
             "this key may not grant channel {denied}"
         )));
     }
+    if !scope.may_mint_for(&request.sub) {
+        return Err(ApiError::Forbidden(
+            "this key may not mint tokens for this subject: a key limited to channels mints \
+             only for the subjects its entry names (`;subjects=pattern` in PUBLISHER_API_KEYS)"
+                .into(),
+        ));
+    }
     // Gateways add DEFAULT_CHANNELS for the subject: a scoped key must cover those too, or it
     // could mint its way into any user's channel.
     let defaults = expand_defaults(&state.auth.defaults, &request.sub);
@@ -369,17 +458,47 @@ mod tests {
             "padded-base64-key-AA==",
         ])
         .unwrap();
-        assert_eq!(keys.find("k-everything-0123456"), Some((0, KeyScope(None))));
+        assert_eq!(keys.find("k-everything-0123456"), Some((0, KeyScope::ALL)));
         let (index, scoped) = keys.find("k-orders-0123456789").unwrap();
         assert_eq!(index, 1);
         assert!(scoped.allows(&Channel::parse("invoice:7").unwrap()));
         assert!(!scoped.allows(&Channel::parse("payments").unwrap()));
         assert_eq!(
             keys.find("padded-base64-key-AA=="),
-            Some((2, KeyScope(None)))
+            Some((2, KeyScope::ALL))
         );
         assert_eq!(keys.find("k-orders-0123456789=orders|invoice:*"), None);
         assert_eq!(keys.find("nope"), None);
+    }
+
+    #[test]
+    fn keys_limited_to_channels_mint_only_for_their_subjects() {
+        let keys = keys(&[
+            "k-everything-0123456",
+            "k-orders-0123456789=orders",
+            "k-tenant-0123456789=tenant-7:*;subjects=tenant-7:*|support",
+            "k-anyone-0123456789=orders;subjects=*",
+            "k-users-only-012345;subjects=user-*",
+        ])
+        .unwrap();
+        let scope = |key: &str| keys.find(key).unwrap().1;
+        assert!(scope("k-everything-0123456").may_mint_for("anyone"));
+        assert!(!scope("k-orders-0123456789").may_mint_for("alex"));
+        let tenant = scope("k-tenant-0123456789");
+        assert!(tenant.may_mint_for("tenant-7:alex") && tenant.may_mint_for("support"));
+        assert!(!tenant.may_mint_for("tenant-8:alex") && !tenant.may_mint_for("support-2"));
+        assert!(scope("k-anyone-0123456789").may_mint_for("alex"));
+        let users = scope("k-users-only-012345");
+        assert!(users.allows(&Channel::parse("anything").unwrap()));
+        assert!(users.may_mint_for("user-9") && !users.may_mint_for("admin"));
+        for bad in [
+            "k-bad-option-0123456;channels=x",
+            "k-bad-subject-012345;subjects=a b",
+            "k-bad-subject-012345;subjects=a*b",
+            "k-bad-subject-012345;subjects=",
+        ] {
+            assert!(super::tests::keys(&[bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -241,7 +241,7 @@ pub fn parse(
         let channels = channels_of(&spec, config).map_err(|e| relabel(e, &at))?;
         if let Some(name) = &spec.event {
             check_event_name(name)
-                .map_err(|e| ApiError::invalid("invalid_event", at(e.to_string())))?;
+                .map_err(|e| ApiError::invalid("invalid_event", at(format!("`event`: {e}"))))?;
         }
         let Some(data) = spec.data else {
             return Err(ApiError::invalid(
