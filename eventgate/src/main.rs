@@ -4,7 +4,7 @@ use std::{net::SocketAddr, process::ExitCode};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use eventgate_broker::{
+use eventgate_core::{
     Broker, BrokerConfig,
     auth::{AuthConfig, AuthSetupError, Minter, Pattern, Verifier, new_secret},
     limits::EdgeConfig,
@@ -32,13 +32,13 @@ struct Cli {
     /// long, so load balancers send new clients elsewhere first; then streams end (clients
     /// resume on another replica) and new requests are refused.
     #[arg(long, env = "DRAIN_GRACE", default_value = "5s", global = true,
-          value_parser = eventgate_broker::config::parse_duration)]
+          value_parser = eventgate_core::config::parse_duration)]
     drain_grace: std::time::Duration,
 
     /// The process exits at the latest this long after SIGTERM or SIGINT (more than
     /// `DRAIN_GRACE`).
     #[arg(long, env = "DRAIN_TIMEOUT", default_value = "15s", global = true,
-          value_parser = eventgate_broker::config::parse_duration)]
+          value_parser = eventgate_core::config::parse_duration)]
     drain_timeout: std::time::Duration,
 
     /// Log lines as `text` or `json` (one object per line). Filter with `RUST_LOG`.
@@ -209,7 +209,7 @@ fn raise_open_files_limit() {
 }
 
 /// Logs to stderr (`RUST_LOG` filters them), and traces over OTLP when `OTEL_*` asks for them
-/// (see `eventgate_broker::telemetry`). The two have their own filters: traces take eventgate's
+/// (see `eventgate_core::telemetry`). The two have their own filters: traces take eventgate's
 /// `debug` spans whatever `RUST_LOG` says.
 fn init_logging(format: LogFormat, service: Option<&str>) -> Option<SdkTracerProvider> {
     use tracing_subscriber::{Layer, layer::SubscriberExt, util::SubscriberInitExt};

@@ -11,7 +11,7 @@ use std::{
 };
 
 use base64::Engine;
-use eventgate_broker::auth::AuthConfig;
+use eventgate_core::auth::AuthConfig;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::StatusCode;
 use serde_json::{Value, json};

@@ -210,7 +210,7 @@ async fn sentinel_settings_are_checked_at_start() {
                 ("REDIS_SENTINEL_MASTER", "m"),
                 ("REDIS_URL", "redis://127.0.0.1:6379"),
             ],
-            "not both",
+            "set one of REDIS_URL, REDIS_SENTINELS",
         ),
         (
             &[

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use eventgate_broker::limits::{Rate, TrustedProxies};
+use eventgate_core::limits::{Rate, TrustedProxies};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::*;

@@ -5,7 +5,7 @@
 
 mod support;
 
-use eventgate_broker::telemetry;
+use eventgate_core::telemetry;
 use opentelemetry::trace::{SpanId, TraceId};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use reqwest::StatusCode;

@@ -9,7 +9,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, header},
     response::{IntoResponse, Response},
 };
-use eventgate_broker::{
+use eventgate_core::{
     Broker,
     auth::{AuthError, Identity, Verifier, new_ticket},
 };
@@ -330,7 +330,7 @@ mod tests {
     use super::*;
 
     fn authenticator(cookie: Option<&str>, allow_query_token: bool) -> Authenticator {
-        let config = eventgate_broker::auth::AuthConfig {
+        let config = eventgate_core::auth::AuthConfig {
             jwt_secret: Some("x".repeat(32)),
             ..Default::default()
         };

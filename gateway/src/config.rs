@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use eventgate_broker::{
+use eventgate_core::{
     config::{parse_duration, parse_duration_at_most},
     limits::{Rate, TrustedProxies},
 };
@@ -92,7 +92,7 @@ pub struct GatewayConfig {
           value_parser = clap::value_parser!(u64).range(16 * 1024..))]
     pub replay_connection_bytes: u64,
 
-    /// `TRUSTED_PROXIES` (see [`eventgate_broker::limits::EdgeConfig`], shared with the publisher).
+    /// `TRUSTED_PROXIES` (see [`eventgate_core::limits::EdgeConfig`], shared with the publisher).
     #[arg(skip = TrustedProxies::default())]
     pub trusted_proxies: TrustedProxies,
 
@@ -125,7 +125,7 @@ pub struct GatewayConfig {
     #[arg(long, env = "MAX_CONNECTIONS")]
     pub max_connections: Option<u32>,
 
-    /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_broker::limits::EdgeConfig`]).
+    /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_core::limits::EdgeConfig`]).
     #[arg(skip = Duration::from_secs(10))]
     pub request_header_timeout: Duration,
 

@@ -4,7 +4,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use eventgate_broker::{BrokerError, Channel, auth::AuthError, limits::RetryAfter};
+use eventgate_core::{BrokerError, Channel, auth::AuthError, limits::RetryAfter};
 use serde_json::json;
 
 /// The challenge sent with every 401 (RFC 6750).

@@ -4,27 +4,40 @@ use std::sync::OnceLock;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::{BufMut, Bytes, BytesMut};
-use eventgate_broker::{Channel, Event, GapReason, event::BodyError};
+use eventgate_core::{Channel, Event, GapReason, event::BodyError};
 
 /// One event, ready to write: every local subscriber gets a clone of the same bytes.
 #[derive(Debug)]
 pub struct Frame {
     pub event: Event,
+    /// The shard of the event's channel: its `seq` counts on that shard.
+    pub shard: usize,
     /// `id: …\nevent: …\ndata: {envelope}\n\n`
     pub sse: Bytes,
+    /// Length of the `id: …\n` line at the start of `sse`: a connection over several shards
+    /// writes its own id line and the rest of these bytes.
+    id_len: usize,
     /// The WebSocket message, rendered by the first WebSocket subscriber that needs it.
     ws: OnceLock<Utf8Bytes>,
 }
 
 impl Frame {
-    pub fn build(event: Event) -> Result<Self, BodyError> {
+    pub fn build(event: Event, shard: usize) -> Result<Self, BodyError> {
         let mut sse = BytesMut::with_capacity(event.body.len() + 128);
         write_sse_event(&event, &mut sse)?;
+        let id_len = sse.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
         Ok(Self {
             event,
+            shard,
             sse: sse.freeze(),
+            id_len,
             ws: OnceLock::new(),
         })
+    }
+
+    /// The SSE event without its `id:` line (the same allocation).
+    pub fn sse_without_id(&self) -> Bytes {
+        self.sse.slice(self.id_len..)
     }
 
     /// Heap bytes this frame holds: the body and its SSE and WebSocket forms.
@@ -78,17 +91,17 @@ pub fn write_sse_event(event: &Event, out: &mut BytesMut) -> Result<(), BodyErro
 }
 
 /// A position line: moves the browser's last event id without firing an event.
-pub fn sse_position(seq: u64) -> Bytes {
-    Bytes::from(format!("id: {seq}\n\n"))
+pub fn sse_position(id: &str) -> Bytes {
+    Bytes::from(format!("id: {id}\n\n"))
 }
 
 /// `event: reset` naming the channels whose history is incomplete, optionally moving the
 /// position (after a data loss the old position means nothing).
-pub fn sse_reset(channels: &[Channel], reason: GapReason, position: Option<u64>) -> Bytes {
+pub fn sse_reset(channels: &[Channel], reason: GapReason, position: Option<&str>) -> Bytes {
     let data = serde_json::json!({"channels": channels, "reason": reason.as_str()});
     let mut out = String::new();
-    if let Some(seq) = position {
-        out.push_str(&format!("id: {seq}\n"));
+    if let Some(id) = position {
+        out.push_str(&format!("id: {id}\n"));
     }
     out.push_str(&format!("event: reset\ndata: {data}\n\n"));
     Bytes::from(out)

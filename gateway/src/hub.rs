@@ -14,18 +14,21 @@ use std::{
     task::{Context, Poll},
 };
 
-use eventgate_broker::{Channel, GapReason};
+use eventgate_core::{Channel, GapReason, Shards};
 use futures::task::AtomicWaker;
-use tokio::sync::mpsc;
 
-use crate::{frame::Frame, live::LiveCommand};
+use crate::{frame::Frame, live::LiveSenders};
 
 /// Something for one client's writer.
 #[derive(Debug, Clone)]
 pub enum Delivery {
     Event(Arc<Frame>),
-    /// Everything up to this seq on the client's channels is already in its queue.
-    Position(u64),
+    /// Everything up to this seq of the shard, on the client's channels, is already in its
+    /// queue.
+    Position {
+        shard: usize,
+        seq: u64,
+    },
     Reset(Arc<ResetNotice>),
     /// Time to show the connection is alive (`: ping`, or a WebSocket ping).
     Heartbeat,
@@ -34,17 +37,24 @@ pub enum Delivery {
 /// History is incomplete for some channels.
 #[derive(Debug)]
 pub struct ResetNotice {
-    /// `None`: all of the client's channels.
+    /// `None`: all of the client's channels (of `shard`, when set).
     pub channels: Option<Vec<Channel>>,
+    /// The shard whose data was lost, for a notice about a whole shard.
+    pub shard: Option<(Shards, usize)>,
     pub reason: GapReason,
-    /// A new position the client must take (after data loss), if any.
+    /// A new position on that shard the client must take (after data loss), if any.
     pub position: Option<u64>,
 }
 
 impl ResetNotice {
     /// The channels among a client's `mine` that this notice is about.
     pub fn among<'a>(&self, mine: impl IntoIterator<Item = &'a Channel>) -> Vec<Channel> {
-        let mine = mine.into_iter();
+        let of_shard = |c: &&Channel| {
+            self.shard
+                .as_ref()
+                .is_none_or(|(shards, shard)| shards.shard_of(c) == *shard)
+        };
+        let mine = mine.into_iter().filter(of_shard);
         match &self.channels {
             None => mine.cloned().collect(),
             Some(list) => mine.filter(|c| list.contains(c)).cloned().collect(),
@@ -222,16 +232,12 @@ struct HubState {
 pub struct Hub {
     state: Mutex<HubState>,
     queue_capacity: usize,
-    live: mpsc::UnboundedSender<LiveCommand>,
+    live: LiveSenders,
     pub stats: Arc<Stats>,
 }
 
 impl Hub {
-    pub fn new(
-        queue_capacity: usize,
-        live: mpsc::UnboundedSender<LiveCommand>,
-        stats: Arc<Stats>,
-    ) -> Self {
+    pub fn new(queue_capacity: usize, live: LiveSenders, stats: Arc<Stats>) -> Self {
         Self {
             state: Mutex::new(HubState::default()),
             queue_capacity,
@@ -338,7 +344,7 @@ impl Hub {
             }
         }
         if !released.is_empty() {
-            let _ = self.live.send(LiveCommand::Release(released));
+            self.live.release(released);
         }
     }
 
@@ -405,9 +411,14 @@ impl Hub {
         }
     }
 
-    /// Channels with at least one local subscriber.
-    pub fn channels(&self) -> Vec<Channel> {
-        self.lock().channels.keys().cloned().collect()
+    /// Channels with at least one local subscriber, of shard `shard` of `shards`.
+    pub fn channels(&self, shards: &Shards, shard: usize) -> Vec<Channel> {
+        self.lock()
+            .channels
+            .keys()
+            .filter(|c| shards.shard_of(c) == shard)
+            .cloned()
+            .collect()
     }
 
     pub fn channel_count(&self) -> usize {
@@ -422,12 +433,16 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+    use tokio::sync::mpsc;
+
+    use crate::live::LiveCommand;
 
     use super::*;
 
     fn hub(capacity: usize) -> (Hub, mpsc::UnboundedReceiver<LiveCommand>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Hub::new(capacity, tx, Arc::default()), rx)
+        let senders = LiveSenders::new(Shards::ONE, vec![tx]);
+        (Hub::new(capacity, senders, Arc::default()), rx)
     }
 
     fn member(hub: &Hub, channel: &Channel) -> (u64, Arc<ClientQueue>) {
@@ -437,12 +452,12 @@ mod tests {
     }
 
     fn frame(seq: u64, channel: &Channel) -> Arc<Frame> {
-        let event = eventgate_broker::Event {
+        let event = eventgate_core::Event {
             seq,
             channel: channel.clone(),
             body: Bytes::from_static(br#"{"data":1,"timestamp":"t"}"#),
         };
-        Arc::new(Frame::build(event).expect("valid body"))
+        Arc::new(Frame::build(event, 0).expect("valid body"))
     }
 
     #[tokio::test]

@@ -35,7 +35,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use eventgate_broker::{
+use eventgate_core::{
     Broker,
     auth::Verifier,
     redact::{log_response, traced_request_span},
@@ -78,8 +78,8 @@ pub struct GatewayState {
     pub auth: auth::Authenticator,
     /// Rate limits and connection caps.
     pub admission: Arc<limits::Admission>,
-    /// The broker's position, read once for the clients starting together.
-    pub positions: session::PositionReads,
+    /// Each shard's position, read once for the clients starting together.
+    pub positions: Vec<session::PositionReads>,
 }
 
 /// A started gateway: its state and the background tasks it owns.
@@ -102,10 +102,14 @@ impl Gateway {
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()[..12].to_owned());
         let stats = Arc::new(Stats::default());
-        let (commands_tx, commands) = mpsc::unbounded_channel();
+        // One live task per shard, each with its own command queue.
+        let (senders, commands): (Vec<_>, Vec<_>) = (0..broker.shards().count())
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
+        let senders = live::LiveSenders::new(broker.shards().clone(), senders);
         let hub = Arc::new(Hub::new(
             config.client_queue_size as usize,
-            commands_tx.clone(),
+            senders.clone(),
             stats.clone(),
         ));
         let mut tasks = JoinSet::new();
@@ -123,7 +127,7 @@ impl Gateway {
             hub.clone(),
             broker.clone(),
             commands,
-            commands_tx,
+            senders,
             LiveSettings {
                 replica: replica.clone(),
                 marker_interval: config.marker_interval(),
@@ -149,13 +153,15 @@ impl Gateway {
             ticket_ttl: config.ticket_ttl,
         };
         let admission = Arc::new(limits::Admission::new(&config));
-        tasks.spawn(eventgate_broker::limits::clean_periodically(
+        tasks.spawn(eventgate_core::limits::clean_periodically(
             admission.limiters(),
             LIMITER_CLEANUP,
             shutdown.clone().cancelled_owned(),
         ));
         let state = Arc::new(GatewayState {
-            positions: session::PositionReads::new(broker.clone()),
+            positions: (0..broker.shards().count())
+                .map(|shard| session::PositionReads::new(broker.clone(), shard))
+                .collect(),
             admission,
             auth,
             broker_timeout: broker.timeout(),
@@ -333,7 +339,7 @@ fn tickets_rate_limit(
     };
     let limiter = config.limiter().clone();
     let cleanup = state.shutdown.clone();
-    tokio::spawn(eventgate_broker::limits::clean_periodically(
+    tokio::spawn(eventgate_core::limits::clean_periodically(
         vec![Arc::new(limits::SharedGovernor(limiter))],
         LIMITER_CLEANUP,
         cleanup.cancelled_owned(),

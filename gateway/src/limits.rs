@@ -15,7 +15,7 @@ use axum::{
     extract::ConnectInfo,
     http::{Request, Response},
 };
-use eventgate_broker::limits::{Cleanup, Limiter, RetryAfter, TrustedProxies};
+use eventgate_core::limits::{Cleanup, Limiter, RetryAfter, TrustedProxies};
 use governor::middleware::NoOpMiddleware;
 use tower_governor::{GovernorError, key_extractor::KeyExtractor};
 

@@ -16,9 +16,9 @@ use std::{
     time::Duration,
 };
 
-use eventgate_broker::{
+use eventgate_core::{
     Broker, BrokerError, Channel, Event, GapReason, LiveMessage, LiveSink, LiveStream, Position,
-    telemetry,
+    Shards, telemetry,
 };
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use tokio::{
@@ -51,43 +51,92 @@ pub type EnsureReply = oneshot::Sender<()>;
 #[error("the live connection to the broker is down")]
 pub struct LiveUnavailable;
 
-/// What sessions use to talk to the live task.
+/// The live tasks' command queues, one per shard.
+#[derive(Clone, Debug)]
+pub struct LiveSenders {
+    shards: Shards,
+    senders: Vec<mpsc::UnboundedSender<LiveCommand>>,
+}
+
+impl LiveSenders {
+    pub fn new(shards: Shards, senders: Vec<mpsc::UnboundedSender<LiveCommand>>) -> Self {
+        Self { shards, senders }
+    }
+
+    /// `channels` grouped by shard, in shard order.
+    fn by_shard(&self, channels: Vec<Channel>) -> Vec<(usize, Vec<Channel>)> {
+        let mut groups: Vec<(usize, Vec<Channel>)> = Vec::new();
+        for channel in channels {
+            let shard = self.shards.shard_of(&channel);
+            match groups.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, group)) => group.push(channel),
+                None => groups.push((shard, vec![channel])),
+            }
+        }
+        groups.sort_by_key(|(s, _)| *s);
+        groups
+    }
+
+    /// Nobody local wants these channels any more.
+    pub fn release(&self, channels: Vec<Channel>) {
+        for (shard, group) in self.by_shard(channels) {
+            if let Some(sender) = self.senders.get(shard) {
+                let _ = sender.send(LiveCommand::Release(group));
+            }
+        }
+    }
+}
+
+/// What sessions use to talk to the live tasks.
 #[derive(Clone)]
 pub struct LiveHandle {
-    commands: mpsc::UnboundedSender<LiveCommand>,
-    ready: watch::Receiver<bool>,
+    senders: LiveSenders,
+    ready: Vec<watch::Receiver<bool>>,
 }
 
 impl LiveHandle {
-    /// Waits until `channels` are subscribed, at most `timeout`.
+    /// Waits until `channels` are subscribed (each on its shard's connection), at most
+    /// `timeout`.
     pub async fn ensure(
         &self,
         channels: Vec<Channel>,
         timeout: Duration,
     ) -> Result<(), LiveUnavailable> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(LiveCommand::Ensure(channels, reply))
-            .map_err(|_| LiveUnavailable)?;
-        match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(())) => Ok(()),
+        let mut answers = Vec::new();
+        for (shard, group) in self.senders.by_shard(channels) {
+            let (reply, answer) = oneshot::channel();
+            self.senders.senders[shard]
+                .send(LiveCommand::Ensure(group, reply))
+                .map_err(|_| LiveUnavailable)?;
+            answers.push(answer);
+        }
+        let all = futures::future::join_all(answers);
+        match tokio::time::timeout(timeout, all).await {
+            Ok(results) if results.iter().all(Result::is_ok) => Ok(()),
             _ => Err(LiveUnavailable),
         }
     }
 
-    /// Connected, subscribed and caught up.
+    /// Every shard connected, subscribed and caught up.
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.ready.iter().all(|r| *r.borrow())
     }
 
-    /// Resolves when the live connection is ready (tests and start-up).
+    /// Whether each shard is ready, by shard.
+    pub fn shards_ready(&self) -> Vec<bool> {
+        self.ready.iter().map(|r| *r.borrow()).collect()
+    }
+
+    /// Resolves when every shard's live connection is ready (tests and start-up).
     pub async fn wait_ready(&self) {
-        let mut ready = self.ready.clone();
-        let _ = ready.wait_for(|r| *r).await;
+        for ready in &self.ready {
+            let mut ready = ready.clone();
+            let _ = ready.wait_for(|r| *r).await;
+        }
     }
 }
 
-/// Settings of the live task.
+/// Settings of the live tasks.
 pub struct LiveSettings {
     pub replica: String,
     pub marker_interval: Duration,
@@ -95,42 +144,48 @@ pub struct LiveSettings {
     pub history: Arc<HistoryCache>,
 }
 
-/// Starts the live task; it runs until `shutdown`.
+/// Starts one live task per shard (`commands[i]` is shard `i`'s queue, `senders` their other
+/// ends); they run until `shutdown`.
 pub fn spawn(
     hub: Arc<Hub>,
     broker: Broker,
-    commands: mpsc::UnboundedReceiver<LiveCommand>,
-    commands_tx: mpsc::UnboundedSender<LiveCommand>,
+    commands: Vec<mpsc::UnboundedReceiver<LiveCommand>>,
+    senders: LiveSenders,
     settings: LiveSettings,
     tasks: &mut JoinSet<()>,
     shutdown: CancellationToken,
 ) -> LiveHandle {
-    let (ready_tx, ready) = watch::channel(false);
-    let task = LiveTask {
-        stats: hub.stats.clone(),
-        hub,
-        broker,
-        commands,
-        ready: ready_tx,
-        settings,
-        shutdown,
-        watermark: None,
-        parked: Vec::new(),
-    };
-    tasks.spawn(task.run());
-    LiveHandle {
-        commands: commands_tx,
-        ready,
+    let settings = Arc::new(settings);
+    let mut ready = Vec::new();
+    for (shard, commands) in commands.into_iter().enumerate() {
+        let (ready_tx, ready_rx) = watch::channel(false);
+        let task = LiveTask {
+            shard,
+            stats: hub.stats.clone(),
+            hub: hub.clone(),
+            broker: broker.clone(),
+            commands,
+            ready: ready_tx,
+            settings: settings.clone(),
+            shutdown: shutdown.clone(),
+            watermark: None,
+            parked: Vec::new(),
+        };
+        tasks.spawn(task.run());
+        ready.push(ready_rx);
     }
+    LiveHandle { senders, ready }
 }
 
+/// One shard's live connection.
 struct LiveTask {
+    shard: usize,
     hub: Arc<Hub>,
     stats: Arc<Stats>,
     broker: Broker,
     commands: mpsc::UnboundedReceiver<LiveCommand>,
     ready: watch::Sender<bool>,
-    settings: LiveSettings,
+    settings: Arc<LiveSettings>,
     shutdown: CancellationToken,
     /// Epoch and highest seq seen on the live connection.
     watermark: Option<Position>,
@@ -185,7 +240,7 @@ impl LiveTask {
             if matches!(ended, Ended::Shutdown) || self.shutdown.is_cancelled() {
                 return;
             }
-            tracing::warn!(error = %ended, retry_in = ?backoff, "live connection down");
+            tracing::warn!(shard = self.shard, error = %ended, retry_in = ?backoff, "live connection down");
             Stats::add(&self.stats.live_reconnects, 1);
             if !self.wait_offline(backoff).await {
                 return;
@@ -216,21 +271,26 @@ impl LiveTask {
 
     /// Connects, subscribes every channel the hub has, and catches up from history.
     async fn connect(&mut self) -> Result<(LiveSink, LiveStream, Subscriptions), Ended> {
-        let (mut sink, stream) = self.broker.connect_live(&self.settings.replica).await?;
-        let channels = self.hub.channels();
+        let (sink, stream) = self
+            .broker
+            .connect_live(self.shard, &self.settings.replica)
+            .await?;
+        let channels = self.hub.channels(self.broker.shards(), self.shard);
         for chunk in channels.chunks(1024) {
             sink.subscribe(chunk).await?;
         }
-        let position = self.broker.position().await?;
+        let position = self.broker.position(self.shard).await?;
         match self.watermark {
             Some(seen) if seen.epoch != position.epoch || position.seq < seen.seq => {
                 tracing::warn!(
+                    shard = self.shard,
                     seen = seen.seq,
                     now = position.seq,
-                    "the broker lost its data; resetting every client"
+                    "the broker may have lost data; resetting the shard's clients"
                 );
                 self.hub.broadcast(Delivery::Reset(Arc::new(ResetNotice {
                     channels: None,
+                    shard: Some((self.broker.shards().clone(), self.shard)),
                     reason: GapReason::DataLost,
                     position: Some(position.seq),
                 })));
@@ -245,6 +305,7 @@ impl LiveTask {
         self.watermark = Some(position);
         self.ready.send_replace(true);
         tracing::info!(
+            shard = self.shard,
             channels = channels.len(),
             seq = position.seq,
             "live connection ready"
@@ -270,7 +331,13 @@ impl LiveTask {
         position: Position,
     ) -> Result<(), BrokerError> {
         let upto = position.seq;
-        let mut replay = Replay::new(self.settings.history.clone(), channels, after, position);
+        let mut replay = Replay::new(
+            self.settings.history.clone(),
+            self.shard,
+            channels,
+            after,
+            position,
+        );
         let mut count = 0;
         while let Some(item) = replay.next().await? {
             match item {
@@ -282,6 +349,7 @@ impl LiveTask {
                     Stats::add(&self.stats.resets_sent, 1);
                     let notice = ResetNotice {
                         channels: Some(vec![channel.clone()]),
+                        shard: None,
                         reason,
                         position: None,
                     };
@@ -290,7 +358,10 @@ impl LiveTask {
                 }
             }
         }
-        self.hub.broadcast(Delivery::Position(upto));
+        self.hub.broadcast(Delivery::Position {
+            shard: self.shard,
+            seq: upto,
+        });
         Stats::add(&self.stats.events_backfilled, count);
         tracing::info!(after, upto, events = count, "backfilled after reconnecting");
         Ok(())
@@ -315,7 +386,7 @@ impl LiveTask {
         };
         let _entered = span.enter();
         let (seq, channel) = (event.seq, event.channel.clone());
-        match Frame::build(event) {
+        match Frame::build(event, self.shard) {
             Ok(frame) => self.hub.dispatch(Arc::new(frame)),
             Err(e) => {
                 Stats::add(&self.stats.malformed_messages, 1);
@@ -370,7 +441,8 @@ impl LiveTask {
                     }
                     let broker = self.broker.clone();
                     let replica = self.settings.replica.clone();
-                    markers.spawn(async move { broker.request_marker(&replica).await });
+                    let shard = self.shard;
+                    markers.spawn(async move { broker.request_marker(shard, &replica).await });
                 }
                 Some(Ok(result)) = markers.join_next() => match result {
                     Ok(true) => {}
@@ -409,7 +481,10 @@ impl LiveTask {
                     return Err(Ended::Stale("the broker's counter went backwards"));
                 }
                 watermark.seq = seq;
-                self.hub.broadcast(Delivery::Position(seq));
+                self.hub.broadcast(Delivery::Position {
+                    shard: self.shard,
+                    seq,
+                });
             }
             LiveMessage::Malformed(what) => {
                 Stats::add(&self.stats.malformed_messages, 1);
@@ -483,7 +558,7 @@ impl LiveTask {
     }
 }
 
-fn start(mut sink: LiveSink, op: Op) -> OpFuture {
+fn start(sink: LiveSink, op: Op) -> OpFuture {
     async move {
         let result = match &op {
             Op::Subscribe(channels) => sink.subscribe(channels).await,

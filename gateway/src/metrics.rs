@@ -22,7 +22,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use eventgate_broker::serve::METRICS_CONTENT_TYPE;
+use eventgate_core::serve::METRICS_CONTENT_TYPE;
 
 use crate::{GatewayState, hub::Stats, limits::Admission};
 
@@ -317,7 +317,7 @@ pub fn registry(state: &Arc<GatewayState>) -> Registry {
 
 /// Encodes `registry` as Prometheus text (OpenMetrics).
 pub fn render(registry: &Registry) -> Response {
-    match eventgate_broker::serve::encode_metrics(registry) {
+    match eventgate_core::serve::encode_metrics(registry) {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,

@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use eventgate_broker::{
+use eventgate_core::{
     Broker, BrokerError, Channel, GapReason, HistoryRead, Position, StreamFacts, history::assess,
 };
 use futures::{
@@ -155,6 +155,7 @@ impl HistoryCache {
     /// one round trip.
     pub async fn pages(
         &self,
+        shard: usize,
         requests: &[(Channel, u64)],
         position: Position,
         max_bytes: usize,
@@ -192,7 +193,7 @@ impl HistoryCache {
                 });
             }
             if !misses.is_empty() {
-                let batch = self.load(misses.clone(), position, max_bytes);
+                let batch = self.load(shard, misses.clone(), position, max_bytes);
                 for (index, key) in misses.into_iter().enumerate() {
                     if let Some(Slot::Ready(old, _)) = state.slots.get(&key) {
                         state.bytes -= old.bytes;
@@ -229,8 +230,15 @@ impl HistoryCache {
         Ok(pages)
     }
 
-    /// Reads `requests` from the broker in one call; the result replaces their slots.
-    fn load(&self, requests: Vec<(Channel, u64)>, position: Position, max_bytes: usize) -> Batch {
+    /// Reads `requests` (of shard `shard`) from the broker in one call; the result replaces
+    /// their slots.
+    fn load(
+        &self,
+        shard: usize,
+        requests: Vec<(Channel, u64)>,
+        position: Position,
+        max_bytes: usize,
+    ) -> Batch {
         let (broker, limit, state) = (self.broker.clone(), self.page, self.state.clone());
         let (cache_bytes, stats) = (self.cache_bytes, self.stats.clone());
         async move {
@@ -241,7 +249,7 @@ impl HistoryCache {
                 max_bytes,
                 epoch: position.epoch,
             };
-            let read = broker.history(&read).await;
+            let read = broker.history(shard, &read).await;
             let pages = match read {
                 Ok(pages) => pages,
                 Err(e) => {
@@ -262,7 +270,7 @@ impl HistoryCache {
                     let frames: Vec<Arc<Frame>> = p
                         .events
                         .into_iter()
-                        .filter_map(|event| match Frame::build(event) {
+                        .filter_map(|event| match Frame::build(event, shard) {
                             Ok(frame) => Some(Arc::new(frame)),
                             Err(e) => {
                                 skipped += 1;
@@ -377,11 +385,12 @@ impl Lane {
     }
 }
 
-/// Replays history of several channels after one cursor, up to a position, merged into global
-/// `seq` order. Reads a page per channel at a time and checks completeness on every page, so
-/// entries trimmed mid-replay surface as a gap.
+/// Replays history of several channels of one shard after one cursor, up to a position, merged
+/// into the shard's `seq` order. Reads a page per channel at a time and checks completeness on
+/// every page, so entries trimmed mid-replay surface as a gap.
 pub struct Replay {
     cache: Arc<HistoryCache>,
+    shard: usize,
     position: Position,
     lanes: Vec<Lane>,
     gaps: VecDeque<(Channel, GapReason)>,
@@ -390,9 +399,11 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// A replay of `channels` after `after` up to `position` (read in `position.epoch`).
+    /// A replay of `channels` (all of shard `shard`) after `after` up to `position` (read in
+    /// `position.epoch`).
     pub fn new(
         cache: Arc<HistoryCache>,
+        shard: usize,
         channels: impl IntoIterator<Item = Channel>,
         after: u64,
         position: Position,
@@ -413,11 +424,22 @@ impl Replay {
             .collect();
         Self {
             cache,
+            shard,
             position,
             lanes,
             gaps: VecDeque::new(),
             share: None,
         }
+    }
+
+    /// The shard this replay reads.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// The position this replay ends at.
+    pub fn position(&self) -> Position {
+        self.position
     }
 
     /// The next event or gap, or `None` when the replay is done.
@@ -472,7 +494,7 @@ impl Replay {
             .collect();
         let pages = self
             .cache
-            .pages(&requests, self.position, max_bytes)
+            .pages(self.shard, &requests, self.position, max_bytes)
             .await?;
         let upto = self.position.seq;
         for (&i, page) in lanes.iter().zip(pages) {

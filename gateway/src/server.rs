@@ -35,7 +35,7 @@ use tokio::{
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use eventgate_broker::redact::redact_uri;
+use eventgate_core::redact::redact_uri;
 
 use crate::{
     GatewayState,
@@ -60,7 +60,7 @@ pub async fn serve(
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
-            accepted = eventgate_broker::serve::accept(&listener) => accepted,
+            accepted = eventgate_core::serve::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         let (state, app) = (state.clone(), app.clone());

@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, atomic::AtomicU64};
 
-use eventgate_broker::{BrokerError, Channel, Position};
+use eventgate_core::{BrokerError, Channel, Cursor, Position};
 
 use crate::{
     GatewayState,
@@ -66,7 +66,7 @@ impl Drop for Session {
     }
 }
 
-/// How an attached channel set starts.
+/// How one shard's channels of an attached set start.
 pub enum Start {
     /// No cursor: from the current position.
     Fresh,
@@ -81,11 +81,19 @@ pub enum Start {
     },
 }
 
-/// Channels attached to a session.
-pub struct Attached {
-    /// The broker's position once the channels were live; a replay ends there.
+/// One shard's part of an attached channel set.
+pub struct ShardStart {
+    pub shard: usize,
+    /// The shard's position once the channels were live; a replay ends there.
     pub position: u64,
     pub start: Start,
+    /// The set's channels on this shard.
+    pub channels: Vec<Channel>,
+}
+
+/// Channels attached to a session, shard by shard, in shard order.
+pub struct Attached {
+    pub shards: Vec<ShardStart>,
 }
 
 impl GatewayState {
@@ -113,7 +121,7 @@ impl GatewayState {
         &self,
         session: &Session,
         channels: &[Channel],
-        cursor: Option<u64>,
+        cursor: Option<&Cursor>,
     ) -> Result<Attached, ApiError> {
         if !self.hub.join(session.client, channels) {
             return Err(ApiError::Gone);
@@ -125,42 +133,96 @@ impl GatewayState {
         attached
     }
 
-    async fn start(&self, channels: &[Channel], cursor: Option<u64>) -> Result<Attached, ApiError> {
+    async fn start(
+        &self,
+        channels: &[Channel],
+        cursor: Option<&Cursor>,
+    ) -> Result<Attached, ApiError> {
         self.live
             .ensure(channels.to_vec(), self.broker_timeout)
             .await
             .map_err(|_| ApiError::Unavailable(None))?;
-        // A new epoch between reading the position and the history (Redis lost data, or
-        // failed over, just then) invalidates the position: read it again.
+        let shards = self.broker.shards();
+        let mut groups: Vec<(usize, Vec<Channel>)> = Vec::new();
+        for channel in channels {
+            let shard = shards.shard_of(channel);
+            match groups.iter_mut().find(|(s, _)| *s == shard) {
+                Some((_, group)) => group.push(channel.clone()),
+                None => groups.push((shard, vec![channel.clone()])),
+            }
+        }
+        groups.sort_by_key(|(s, _)| *s);
+        let single = groups.len() == 1;
+        let mut starts = Vec::with_capacity(groups.len());
+        for (shard, group) in groups {
+            // Where this shard resumes: a plain id belongs to a connection on one shard only;
+            // a shard missing from a composite id was not part of the connection (its
+            // channels start fresh).
+            let from = match cursor {
+                None => StartFrom::Fresh,
+                Some(Cursor::Plain(seq)) if single => StartFrom::Cursor(*seq),
+                Some(Cursor::Plain(_)) => StartFrom::Unknown,
+                Some(Cursor::Shards { positions, .. }) => positions
+                    .iter()
+                    .find(|(s, _)| *s == shard)
+                    .map_or(StartFrom::Fresh, |&(_, seq)| StartFrom::Cursor(seq)),
+            };
+            starts.push(self.start_shard(shard, group, from).await?);
+        }
+        Ok(Attached { shards: starts })
+    }
+
+    /// Starts one shard's channels. A new epoch between reading the position and the history
+    /// (Redis lost data, or failed over, just then) invalidates the position: read it again.
+    async fn start_shard(
+        &self,
+        shard: usize,
+        channels: Vec<Channel>,
+        from: StartFrom,
+    ) -> Result<ShardStart, ApiError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.start_at(channels, cursor).await {
+            match self.start_at(shard, &channels, from).await {
                 Err(StartError::Broker(BrokerError::EpochChanged)) if attempts < 3 => continue,
                 Err(StartError::Broker(e)) => return Err(e.into()),
                 Err(StartError::Api(e)) => return Err(e),
-                Ok(attached) => return Ok(attached),
+                Ok((position, start)) => {
+                    return Ok(ShardStart {
+                        shard,
+                        position,
+                        start,
+                        channels,
+                    });
+                }
             }
         }
     }
 
     async fn start_at(
         &self,
+        shard: usize,
         channels: &[Channel],
-        cursor: Option<u64>,
-    ) -> Result<Attached, StartError> {
-        let now = self.positions.read().await?;
-        let start = match cursor {
-            None => Start::Fresh,
+        from: StartFrom,
+    ) -> Result<(u64, Start), StartError> {
+        let now = self.positions[shard].read().await?;
+        let start = match from {
+            StartFrom::Fresh => Start::Fresh,
+            StartFrom::Unknown => Start::Unknown,
             // Ahead of the counter, or from before the counter's epoch began (a Redis that lost
             // its data or failed over, another deployment): nothing can be said about what it
             // missed.
-            Some(cursor) if cursor > now.seq || cursor < now.epoch => Start::Unknown,
-            Some(cursor) => {
+            StartFrom::Cursor(cursor) if cursor > now.seq || cursor < now.epoch => Start::Unknown,
+            StartFrom::Cursor(cursor) => {
                 // The rest of the replay is read as the client takes it; this covers its start.
-                let span = tracing::debug_span!("replay", channels = channels.len(), cursor);
-                let mut replay =
-                    Replay::new(self.history.clone(), channels.iter().cloned(), cursor, now);
+                let span = tracing::debug_span!("replay", shard, channels = channels.len(), cursor);
+                let mut replay = Replay::new(
+                    self.history.clone(),
+                    shard,
+                    channels.iter().cloned(),
+                    cursor,
+                    now,
+                );
                 let first = tracing::Instrument::instrument(replay.next(), span)
                     .await
                     .map_err(StartError::Broker)?;
@@ -171,11 +233,16 @@ impl GatewayState {
                 }
             }
         };
-        Ok(Attached {
-            position: now.seq,
-            start,
-        })
+        Ok((now.seq, start))
     }
+}
+
+/// Where one shard of a channel set starts from.
+#[derive(Clone, Copy)]
+enum StartFrom {
+    Fresh,
+    Unknown,
+    Cursor(u64),
 }
 
 /// Why starting failed.
@@ -195,12 +262,13 @@ impl From<ApiError> for StartError {
 /// not begun yet; one read is in flight at a time. A storm of resuming clients then costs
 /// Redis a handful of reads instead of one per client.
 pub struct PositionReads {
-    broker: eventgate_broker::Broker,
+    broker: eventgate_core::Broker,
+    shard: usize,
     rounds: Arc<std::sync::Mutex<Rounds>>,
 }
 
 type Round = futures::future::Shared<
-    futures::future::BoxFuture<'static, Result<Position, Arc<eventgate_broker::BrokerError>>>,
+    futures::future::BoxFuture<'static, Result<Position, Arc<eventgate_core::BrokerError>>>,
 >;
 
 #[derive(Default)]
@@ -213,9 +281,11 @@ struct Rounds {
 }
 
 impl PositionReads {
-    pub fn new(broker: eventgate_broker::Broker) -> Self {
+    /// Reads of shard `shard`'s position.
+    pub fn new(broker: eventgate_core::Broker, shard: usize) -> Self {
         Self {
             broker,
+            shard,
             rounds: Arc::default(),
         }
     }
@@ -231,6 +301,7 @@ impl PositionReads {
                     rounds.next_id += 1;
                     let previous = rounds.latest.take();
                     let (broker, all) = (self.broker.clone(), self.rounds.clone());
+                    let shard = self.shard;
                     let round: Round = futures::FutureExt::shared(Box::pin(async move {
                         if let Some(previous) = previous {
                             let _ = previous.await;
@@ -242,7 +313,7 @@ impl PositionReads {
                                 rounds.open = None;
                             }
                         }
-                        broker.position().await.map_err(|e| {
+                        broker.position(shard).await.map_err(|e| {
                             tracing::warn!(error = %e, "reading the broker position failed");
                             Arc::new(e)
                         })

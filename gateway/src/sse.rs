@@ -22,13 +22,13 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use bytes::{Bytes, BytesMut};
-use eventgate_broker::{Channel, GapReason, config::parse_duration, parse_cursor};
+use eventgate_core::{Channel, Cursor, GapReason, config::parse_duration};
 use tokio::time::{Instant, Sleep};
 
 use crate::{
     GatewayState,
     error::ApiError,
-    frame::{sse_position, sse_reset},
+    frame::{Frame, sse_position, sse_reset},
     hub::{CloseReason, Delivery, Stats},
     metrics::EndReason,
     replay::{Replay, ReplayItem},
@@ -39,7 +39,7 @@ use crate::{
 #[derive(Debug, PartialEq, Eq)]
 pub struct EventsRequest {
     pub channels: Vec<Channel>,
-    pub cursor: Option<u64>,
+    pub cursor: Option<Cursor>,
     /// `?duration=`: end the stream after this long (monitoring probes, clients that cannot
     /// read an endless response). `EventSource` then reconnects and resumes as usual.
     pub duration: Option<Duration>,
@@ -54,6 +54,7 @@ pub fn parse_request(
     query: Option<&str>,
     headers: &HeaderMap,
     max_channels: usize,
+    shard_count: usize,
 ) -> Result<EventsRequest, ApiError> {
     let mut channels: Vec<Channel> = Vec::new();
     let mut cursor_param = None;
@@ -110,10 +111,23 @@ pub fn parse_request(
         None => None,
     };
     let cursor = match header.filter(|h| !h.is_empty()).or(cursor_param.as_deref()) {
-        Some(text) => Some(
-            parse_cursor(text)
-                .map_err(|e| ApiError::bad_request("invalid_last_event_id", e.to_string()))?,
-        ),
+        Some(text) => {
+            let cursor = Cursor::parse(text)
+                .map_err(|e| ApiError::bad_request("invalid_last_event_id", e.to_string()))?;
+            // An id over several shards from a deployment with another shard count.
+            if let Cursor::Shards { count, .. } = &cursor
+                && *count != shard_count
+            {
+                return Err(ApiError::bad_request(
+                    "invalid_last_event_id",
+                    format!(
+                        "event id {text:?} is from a deployment with {count} shards, this one \
+                         has {shard_count}: open the stream without it"
+                    ),
+                ));
+            }
+            Some(cursor)
+        }
         None => None,
     };
     Ok(EventsRequest {
@@ -137,6 +151,7 @@ pub(crate) async fn open(
         query,
         headers,
         state.config.max_channels_per_connection as usize,
+        state.broker.shards().count(),
     )?;
     let (identity, _) = state
         .auth
@@ -148,7 +163,7 @@ pub(crate) async fn open(
     slot.add_user(&identity.sub)?;
     let session = state.new_session(Transport::Sse, slot)?;
     let attached = state
-        .attach(&session, &request.channels, request.cursor)
+        .attach(&session, &request.channels, request.cursor.as_ref())
         .await?;
     let ends = match request.duration {
         Some(duration) if duration < state.auth.lifetime(&identity) => (duration, Ending::Duration),
@@ -198,24 +213,84 @@ const EXPIRED: &[u8] = b"event: expired\ndata: {\"reason\":\"token_expired\",\"m
 /// Largest chunk handed to the connection at once (replay pages, coalesced live events).
 const CHUNK: usize = 64 * 1024;
 
+/// The connection's position on each shard its channels are on: what it has been given (events
+/// or position lines). Live deliveries at or below it are duplicates of the replay and are
+/// dropped. Its id is one shard's plain `seq`, or all of them as a `v1.` cursor.
+#[derive(Clone)]
+struct Floors {
+    /// The deployment's shard count.
+    count: usize,
+    /// `(shard, seq)`, in shard order.
+    shards: Vec<(usize, u64)>,
+}
+
+impl Floors {
+    fn get(&self, shard: usize) -> Option<u64> {
+        self.shards
+            .iter()
+            .find(|(s, _)| *s == shard)
+            .map(|(_, f)| *f)
+    }
+
+    /// Moves shard `shard` to `seq` if that is ahead; whether it moved.
+    fn raise(&mut self, shard: usize, seq: u64) -> bool {
+        match self.shards.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, floor)) if seq > *floor => {
+                *floor = seq;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Moves shard `shard` to `seq`, back included (after a data loss).
+    fn set(&mut self, shard: usize, seq: u64) {
+        if let Some((_, floor)) = self.shards.iter_mut().find(|(s, _)| *s == shard) {
+            *floor = seq;
+        }
+    }
+
+    /// The id a browser keeps: plain on one shard, `v1.…` over several.
+    fn id(&self) -> String {
+        Cursor::render(self.count, &self.shards)
+    }
+
+    /// `frame` as this connection writes it: the shared bytes as they are on one shard, with
+    /// the connection's own id line over several.
+    fn event_bytes(&self, frame: &Frame) -> Bytes {
+        if self.shards.len() == 1 {
+            return frame.sse.clone();
+        }
+        let rest = frame.sse_without_id();
+        let mut out = BytesMut::with_capacity(rest.len() + 48);
+        out.extend_from_slice(b"id: ");
+        out.extend_from_slice(self.id().as_bytes());
+        out.extend_from_slice(b"\n");
+        out.extend_from_slice(&rest);
+        out.freeze()
+    }
+}
+
 /// One step of a replay, run as a boxed future inside the body.
 struct ReplayStep {
     /// The replay, unless it is finished (or failed).
     replay: Option<Box<Replay>>,
     bytes: Bytes,
-    floor: u64,
+    floors: Floors,
     replayed: u64,
     resets: u64,
     failed: bool,
 }
 
-/// Replays up to [`CHUNK`] bytes; at the end moves the position to `position`.
+/// Replays up to [`CHUNK`] bytes of one shard; at the end moves the shard's position to the
+/// replay's.
 async fn replay_chunk(
     mut replay: Box<Replay>,
     mut first: Option<ReplayItem>,
-    mut floor: u64,
-    position: u64,
+    mut floors: Floors,
 ) -> ReplayStep {
+    let shard = replay.shard();
+    let position = replay.position().seq;
     let mut out = BytesMut::new();
     let (mut replayed, mut resets) = (0, 0);
     while out.len() < CHUNK {
@@ -228,7 +303,7 @@ async fn replay_chunk(
                     return ReplayStep {
                         replay: None,
                         bytes: out.freeze(),
-                        floor,
+                        floors,
                         replayed,
                         resets,
                         failed: true,
@@ -237,25 +312,24 @@ async fn replay_chunk(
             },
         };
         match item {
-            Some(ReplayItem::Frame(frame)) if frame.seq() > floor => {
-                out.extend_from_slice(&frame.sse);
-                replayed += 1;
-                floor = frame.seq();
+            Some(ReplayItem::Frame(frame)) => {
+                if floors.raise(shard, frame.seq()) {
+                    out.extend_from_slice(&floors.event_bytes(&frame));
+                    replayed += 1;
+                }
             }
-            Some(ReplayItem::Frame(_)) => {}
             Some(ReplayItem::Gap(channel, reason)) => {
                 resets += 1;
                 out.extend_from_slice(&sse_reset(&[channel], reason, None));
             }
             None => {
-                if position > floor {
-                    floor = position;
-                    out.extend_from_slice(&sse_position(position));
+                if floors.raise(shard, position) {
+                    out.extend_from_slice(&sse_position(&floors.id()));
                 }
                 return ReplayStep {
                     replay: None,
                     bytes: out.freeze(),
-                    floor,
+                    floors,
                     replayed,
                     resets,
                     failed: false,
@@ -266,7 +340,7 @@ async fn replay_chunk(
     ReplayStep {
         replay: Some(replay),
         bytes: out.freeze(),
-        floor,
+        floors,
         replayed,
         resets,
         failed: false,
@@ -280,13 +354,12 @@ type ReplayFuture = Pin<Box<dyn Future<Output = ReplayStep> + Send>>;
 pub(crate) struct SseBody {
     session: Session,
     channels: Vec<Channel>,
-    /// Highest seq this client has been given (events or position lines). Live deliveries at
-    /// or below it are duplicates of the replay and are dropped.
-    floor: u64,
-    /// The broker position when the subscription went live; the replay ends there.
-    position: u64,
+    /// The position on each shard; `None` while a replay step holds it.
+    floors: Option<Floors>,
     prelude: Option<Bytes>,
+    /// The replay step running, and the shards' replays waiting, one shard after another.
     replay: Option<ReplayFuture>,
+    replays: VecDeque<(Box<Replay>, Option<ReplayItem>)>,
     pending: VecDeque<Delivery>,
     stats: Arc<Stats>,
     finished: bool,
@@ -315,35 +388,48 @@ impl SseBody {
         attached: Attached,
         state: &GatewayState,
     ) -> Self {
-        let Attached { position, start } = attached;
         let base = state.config.sse_retry.as_millis() as u64;
         let retry = base + rand::random_range(0..=base / 2);
         let mut prelude = BytesMut::from(format!("retry: {retry}\n").as_bytes());
-        let unknown = matches!(start, Start::Unknown);
-        let (floor, replay) = match start {
-            Start::Fresh => (position, None),
-            Start::Unknown => (position, None),
-            Start::Resume {
-                cursor,
-                replay,
-                first,
-            } => {
-                let step: ReplayFuture = Box::pin(replay_chunk(replay, first, cursor, position));
-                (cursor, Some(step))
-            }
+        let mut floors = Floors {
+            count: state.broker.shards().count(),
+            shards: Vec::new(),
         };
-        prelude.extend_from_slice(&sse_position(floor));
-        if unknown {
-            prelude.extend_from_slice(&sse_reset(&channels, GapReason::UnknownPosition, None));
+        let mut unknown = Vec::new();
+        let mut replays = VecDeque::new();
+        for part in attached.shards {
+            let floor = match part.start {
+                Start::Fresh => part.position,
+                Start::Unknown => {
+                    unknown.extend(part.channels);
+                    part.position
+                }
+                Start::Resume {
+                    cursor,
+                    replay,
+                    first,
+                } => {
+                    replays.push_back((replay, first));
+                    cursor
+                }
+            };
+            floors.shards.push((part.shard, floor));
+        }
+        prelude.extend_from_slice(&sse_position(&floors.id()));
+        if !unknown.is_empty() {
+            prelude.extend_from_slice(&sse_reset(&unknown, GapReason::UnknownPosition, None));
             Stats::add(&state.stats.resets_sent, 1);
         }
+        let replay = replays.pop_front().map(|(replay, first)| {
+            Box::pin(replay_chunk(replay, first, floors.clone())) as ReplayFuture
+        });
         Self {
             session,
             channels,
-            floor,
-            position,
+            floors: (replay.is_none()).then_some(floors),
             prelude: Some(prelude.freeze()),
             replay,
+            replays,
             pending: VecDeque::new(),
             stats: state.stats.clone(),
             finished: false,
@@ -381,14 +467,25 @@ impl SseBody {
             }
             if let Some(step) = self.replay.as_mut() {
                 let step = ready!(step.as_mut().poll(cx));
-                self.floor = step.floor;
                 self.sent += step.replayed;
                 Stats::add(&self.stats.events_replayed, step.replayed);
                 Stats::add(&self.stats.events_delivered, step.replayed);
                 Stats::add(&self.stats.resets_sent, step.resets);
-                self.replay = step.replay.map(|r| {
-                    Box::pin(replay_chunk(r, None, step.floor, self.position)) as ReplayFuture
-                });
+                // This shard's replay goes on, or the next shard's starts.
+                let next = match step.replay {
+                    Some(replay) => Some((replay, None)),
+                    None => self.replays.pop_front(),
+                };
+                self.replay = match next {
+                    Some((replay, first)) if !step.failed => {
+                        Some(Box::pin(replay_chunk(replay, first, step.floors.clone()))
+                            as ReplayFuture)
+                    }
+                    _ => None,
+                };
+                if self.replay.is_none() {
+                    self.floors = Some(step.floors);
+                }
                 if step.failed {
                     self.finish("broker_error");
                 }
@@ -452,27 +549,30 @@ impl SseBody {
     }
 
     fn render(&mut self, delivery: Delivery) -> Option<Bytes> {
+        // Deliveries are rendered only once the replays are done.
+        let floors = self.floors.as_mut()?;
         match delivery {
-            Delivery::Event(frame) if frame.seq() > self.floor => {
-                self.floor = frame.seq();
+            Delivery::Event(frame) => {
+                if !floors.raise(frame.shard, frame.seq()) {
+                    return None;
+                }
                 self.sent += 1;
                 self.uncounted += 1;
                 self.busy_since_position = true;
                 self.busy_since_heartbeat = true;
-                Some(frame.sse.clone())
+                Some(floors.event_bytes(&frame))
             }
-            Delivery::Event(_) => None,
             // Positions and heartbeats go only to quiet clients: a client that just got an event
             // already has a current id and a live connection, and writing to every client at
             // once delays the events behind it.
-            Delivery::Position(seq)
-                if seq > self.floor && self.replay.is_none() && !self.busy_since_position =>
+            Delivery::Position { shard, seq }
+                if !self.busy_since_position && floors.get(shard).is_some_and(|f| seq > f) =>
             {
-                self.floor = seq;
+                floors.raise(shard, seq);
                 self.busy_since_heartbeat = true;
-                Some(sse_position(seq))
+                Some(sse_position(&floors.id()))
             }
-            Delivery::Position(_) => {
+            Delivery::Position { .. } => {
                 self.busy_since_position = false;
                 None
             }
@@ -486,10 +586,14 @@ impl SseBody {
                 if channels.is_empty() {
                     return None;
                 }
-                if let Some(position) = notice.position {
-                    self.floor = position;
-                }
-                Some(sse_reset(&channels, notice.reason, notice.position))
+                let moved = match (notice.position, &notice.shard) {
+                    (Some(position), Some((_, shard))) => {
+                        floors.set(*shard, position);
+                        Some(floors.id())
+                    }
+                    _ => None,
+                };
+                Some(sse_reset(&channels, notice.reason, moved.as_deref()))
             }
         }
     }
@@ -548,17 +652,37 @@ mod tests {
     #[test]
     fn an_empty_last_event_id_means_a_fresh_start() {
         let mut headers = HeaderMap::new();
-        let parse = |q: &str, h: &HeaderMap| parse_request(Some(q), h, 64).map(|r| r.cursor);
+        let parse = |q: &str, h: &HeaderMap| parse_request(Some(q), h, 64, 4).map(|r| r.cursor);
         assert_eq!(parse("channel=a&last_event_id=", &headers).ok(), Some(None));
         assert_eq!(
             parse("channel=a&last_event_id=42", &headers).ok(),
-            Some(Some(42))
+            Some(Some(Cursor::Plain(42)))
         );
         assert!(parse("channel=a&last_event_id=x", &headers).is_err());
         headers.insert("last-event-id", HeaderValue::from_static("7"));
         assert_eq!(
             parse("channel=a&last_event_id=42", &headers).ok(),
-            Some(Some(7))
+            Some(Some(Cursor::Plain(7)))
+        );
+    }
+
+    #[test]
+    fn ids_over_several_shards_must_be_this_deployments() {
+        let headers = HeaderMap::new();
+        let parse = |q: String| parse_request(Some(&q), &headers, 64, 4).map(|r| r.cursor);
+        let ours = Cursor::render(4, &[(0, 5), (3, 9)]);
+        assert_eq!(
+            parse(format!("channel=a&last_event_id={ours}")).ok(),
+            Some(Some(Cursor::Shards {
+                count: 4,
+                positions: vec![(0, 5), (3, 9)]
+            }))
+        );
+        let foreign = Cursor::render(8, &[(0, 5), (3, 9)]);
+        let refused = parse(format!("channel=a&last_event_id={foreign}"));
+        assert!(
+            matches!(&refused, Err(e) if e.code() == "invalid_last_event_id"),
+            "{refused:?}"
         );
     }
 }

@@ -25,7 +25,7 @@ use axum::{
     response::Response,
 };
 use bytes::Bytes;
-use eventgate_broker::{Channel, GapReason, auth::Identity, limits::DirectLimiter, parse_cursor};
+use eventgate_core::{Channel, Cursor, GapReason, auth::Identity, limits::DirectLimiter};
 use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio::time::{Instant, Sleep};
@@ -36,7 +36,7 @@ use crate::{
     error::ApiError,
     hub::{CloseReason, Delivery, Stats},
     replay::{Replay, ReplayItem},
-    session::{Attached, Session, Start, Transport},
+    session::{Session, ShardStart, Start, Transport},
 };
 
 /// Close codes, RFC 6455 section 7.4.1.
@@ -314,7 +314,7 @@ impl WsConnection {
                 self.uncounted += 1;
                 Some(Message::Text(frame.ws_text()))
             }
-            Delivery::Position(_) => None,
+            Delivery::Position { .. } => None,
             Delivery::Heartbeat => Some(Message::Ping(Bytes::new())),
             Delivery::Reset(notice) => {
                 let channels = notice.among(self.floors.keys());
@@ -453,18 +453,29 @@ impl WsConnection {
             return self.send_error(id, &error).await;
         }
         let channels = std::slice::from_ref(&channel);
-        let Attached { position, start } =
-            match self.state.attach(&self.session, channels, since).await {
-                Ok(attached) => attached,
-                Err(ApiError::Gone) => {
-                    return Err(Ending::close(
-                        code::TRY_AGAIN_LATER,
-                        "too slow; reconnect and subscribe with since",
-                        "slow",
-                    ));
-                }
-                Err(error) => return self.send_error(id, &error).await,
-            };
+        let since = since.map(Cursor::Plain);
+        let attached = match self
+            .state
+            .attach(&self.session, channels, since.as_ref())
+            .await
+        {
+            Ok(attached) => attached,
+            Err(ApiError::Gone) => {
+                return Err(Ending::close(
+                    code::TRY_AGAIN_LATER,
+                    "too slow; reconnect and subscribe with since",
+                    "slow",
+                ));
+            }
+            Err(error) => return self.send_error(id, &error).await,
+        };
+        // One channel: one shard.
+        let Some(ShardStart {
+            position, start, ..
+        }) = attached.shards.into_iter().next()
+        else {
+            return Ok(());
+        };
         // The resume point for this channel until an event arrives on it: the current position
         // for a fresh subscription, `since` itself for a resume (the replay follows).
         let resume_from = match &start {
@@ -676,12 +687,12 @@ fn parse_subscribe(message: &Value) -> Result<(Channel, Option<u64>), ApiError> 
     let channel = channel_of(message)?;
     let since = match message.get("since") {
         None | Some(Value::Null) => None,
-        Some(Value::String(text)) => Some(parse_cursor(text)),
+        Some(Value::String(text)) => Some(Cursor::parse_plain(text)),
         Some(Value::Number(n)) => Some(
             n.as_u64()
-                .ok_or_else(|| eventgate_broker::history::CursorError(n.to_string())),
+                .ok_or_else(|| eventgate_core::CursorError(n.to_string())),
         ),
-        Some(other) => Some(Err(eventgate_broker::history::CursorError(truncate(
+        Some(other) => Some(Err(eventgate_core::CursorError(truncate(
             &other.to_string(),
         )))),
     };

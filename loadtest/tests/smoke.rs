@@ -4,7 +4,7 @@
 
 use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 
-use eventgate_broker::{
+use eventgate_core::{
     Broker, BrokerConfig,
     auth::{AuthConfig, Verifier},
     limits::Rate,

@@ -15,7 +15,7 @@ use axum::{
     middleware::Next,
     response::Response,
 };
-use eventgate_broker::{
+use eventgate_core::{
     Channel,
     auth::{AuthConfig, AuthSetupError, Minter, Pattern, expand_defaults},
     event::format_timestamp,

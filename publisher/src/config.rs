@@ -2,7 +2,7 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
-use eventgate_broker::{
+use eventgate_core::{
     config::{parse_duration, parse_duration_at_most},
     limits::{Rate, TrustedProxies},
 };
@@ -64,7 +64,7 @@ pub struct PublisherConfig {
           value_parser = |s: &str| parse_duration_at_most(s, Duration::from_secs(366 * 24 * 3600), "366d"))]
     pub token_max_ttl: Duration,
 
-    /// `TRUSTED_PROXIES` (see [`eventgate_broker::limits::EdgeConfig`], shared with the gateway).
+    /// `TRUSTED_PROXIES` (see [`eventgate_core::limits::EdgeConfig`], shared with the gateway).
     #[arg(skip = TrustedProxies::default())]
     pub trusted_proxies: TrustedProxies,
 
@@ -82,7 +82,7 @@ pub struct PublisherConfig {
     )]
     pub rate_limit_unauthenticated: Rate,
 
-    /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_broker::limits::EdgeConfig`]).
+    /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_core::limits::EdgeConfig`]).
     /// After SIGTERM: requests are refused (503) for this long while the listener stays open
     /// (`DRAIN_GRACE`, set by the binary).
     #[arg(skip = Duration::from_secs(5))]

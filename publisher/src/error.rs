@@ -5,7 +5,7 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use eventgate_broker::{BrokerError, limits::RetryAfter};
+use eventgate_core::{BrokerError, limits::RetryAfter};
 use serde_json::json;
 
 /// An error answered to a publishing backend. Nothing of a request that fails is published,

@@ -18,7 +18,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use eventgate_broker::{
+use eventgate_core::{
     Broker,
     redact::{log_response, traced_request_span},
 };
@@ -117,7 +117,7 @@ pub async fn run(
         auth,
         shutdown: shutdown.clone(),
     });
-    tokio::spawn(eventgate_broker::limits::clean_periodically(
+    tokio::spawn(eventgate_core::limits::clean_periodically(
         state.limits.all(),
         Duration::from_secs(10),
         shutdown.clone().cancelled_owned(),
@@ -141,7 +141,7 @@ pub async fn run(
     loop {
         let (stream, peer) = tokio::select! {
             _ = &mut stop => break,
-            accepted = eventgate_broker::serve::accept(&listener) => accepted,
+            accepted = eventgate_core::serve::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
         let service = tower::ServiceBuilder::new()

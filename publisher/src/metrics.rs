@@ -20,7 +20,7 @@ use prometheus_client::{
 };
 use std::sync::Arc;
 
-use eventgate_broker::serve;
+use eventgate_core::serve;
 
 use crate::PublisherState;
 

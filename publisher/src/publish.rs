@@ -8,7 +8,7 @@ use axum::{
     extract::{State, rejection::BytesRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
 };
-use eventgate_broker::{
+use eventgate_core::{
     Channel, Outgoing,
     event::{check_event_name, compact_json, encode_body, format_timestamp},
     telemetry,

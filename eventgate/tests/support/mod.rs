@@ -12,7 +12,7 @@ pub mod ws;
 
 use std::{future::Future, io, time::Duration};
 
-use eventgate_broker::{
+use eventgate_core::{
     Broker, BrokerConfig,
     auth::{AuthConfig, Minter, Pattern, Verifier},
     limits::Rate,

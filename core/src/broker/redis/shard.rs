@@ -1,51 +1,43 @@
-//! The Redis broker: history in one capped stream per channel, live delivery over pub/sub, one
-//! counter for all channels. All writes happen inside `publish.lua`, atomically.
-
-mod commands;
-mod commit;
-mod live;
-mod reply;
-mod source;
-pub mod tls;
+//! One logical shard on Redis: its keys (with the shard's hash tag when there are several), the
+//! connections to the server that holds it, and every operation, each one script that runs the
+//! lineage check first (`lineage.lua`).
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use redis::{Script, ScriptInvocation, Value};
 
-pub use live::{RedisLiveSink, RedisLiveStream};
-pub use source::parse_host_port;
-
-use self::{commands::Commands, commit::Committer, source::Source};
+use super::{
+    RedisLiveSink, RedisLiveStream, commands::Commands, commit::Committer, live, reply,
+    source::Source,
+};
 use crate::{
     Accepted, BrokerConfig, BrokerError, Channel, ChannelPage, Event, HistoryRead, Outgoing,
     Position, Removed, StreamFacts,
 };
 
-/// A script that begins with `lineage.lua`, as every script does.
-macro_rules! script {
-    ($file:literal) => {
-        redis::Script::new(concat!(include_str!("lineage.lua"), include_str!($file)))
-    };
-}
-pub(crate) use script;
-
 /// Redis key and pub/sub channel names, all under the configured prefix.
 #[derive(Clone, Debug)]
 pub(crate) struct Keys {
-    counter: String,
-    epoch: String,
-    clock: String,
-    generation: String,
-    stream: String,
-    live: String,
-    marker: String,
-    ticket: String,
-    idempotency: String,
+    pub(super) counter: String,
+    pub(super) epoch: String,
+    pub(super) clock: String,
+    pub(super) generation: String,
+    pub(super) stream: String,
+    pub(super) live: String,
+    pub(super) marker: String,
+    pub(super) ticket: String,
+    pub(super) idempotency: String,
 }
 
 impl Keys {
-    fn new(prefix: &str) -> Self {
+    /// The keys of a shard: under `prefix`, and its hash tag when there are several shards
+    /// (`eventgate:{eg3.17}:seq`); a single Redis keeps untagged names (`eventgate:seq`).
+    pub(crate) fn new(prefix: &str, tag: Option<&str>) -> Self {
+        let prefix = match tag {
+            Some(tag) => format!("{prefix}{tag}:"),
+            None => prefix.to_owned(),
+        };
         Self {
             counter: format!("{prefix}seq"),
             epoch: format!("{prefix}epoch"),
@@ -59,28 +51,28 @@ impl Keys {
         }
     }
 
-    fn idempotency(&self, key: &str) -> String {
+    pub(super) fn idempotency(&self, key: &str) -> String {
         format!("{}{key}", self.idempotency)
     }
 
-    fn stream(&self, channel: &Channel) -> String {
+    pub(super) fn stream(&self, channel: &Channel) -> String {
         format!("{}{channel}", self.stream)
     }
 
-    fn live(&self, channel: &Channel) -> String {
+    pub(super) fn live(&self, channel: &Channel) -> String {
         format!("{}{channel}", self.live)
     }
 
-    fn marker(&self, replica: &str) -> String {
+    pub(super) fn marker(&self, replica: &str) -> String {
         format!("{}{replica}", self.marker)
     }
 
-    fn ticket(&self, digest: &str) -> String {
+    pub(super) fn ticket(&self, digest: &str) -> String {
         format!("{}{digest}", self.ticket)
     }
 
     /// The keys and arguments `lineage.lua` expects first in every script.
-    fn lineage(&self, call: &mut ScriptInvocation, config: &BrokerConfig) {
+    pub(super) fn lineage(&self, call: &mut ScriptInvocation, config: &BrokerConfig) {
         call.key(&self.counter)
             .key(&self.epoch)
             .key(&self.clock)
@@ -94,60 +86,41 @@ impl Keys {
     }
 }
 
-/// A broker on one Redis primary (7.0 or newer).
-pub struct RedisBroker {
-    commands: Arc<Commands>,
-    commit: Committer,
-    /// Follows the primary through the Sentinels (none with `REDIS_URL`); stopped on drop.
-    follower: Option<tokio::task::JoinHandle<()>>,
-    source: Arc<Source>,
-    keys: Keys,
-    config: BrokerConfig,
-    position: Script,
-    history: Script,
-    marker: Script,
+/// The read scripts, shared by every shard.
+pub(super) struct Scripts {
+    pub(super) position: Script,
+    pub(super) history: Script,
+    pub(super) marker: Script,
 }
 
-impl RedisBroker {
-    /// Connects, and checks that the server is Redis 7 or newer.
-    pub async fn connect(config: &BrokerConfig) -> Result<Self, BrokerError> {
-        let source = Arc::new(Source::new(config)?);
-        let commands = Arc::new(
-            Commands::connect(
-                source.clone(),
-                config.redis_pool_size as usize,
-                config.redis_timeout,
-            )
-            .await
-            .map_err(tls::explained)?,
-        );
-        let keys = Keys::new(&config.redis_key_prefix);
-        let follower = source
-            .follows_failovers()
-            .then(|| tokio::spawn(commands.clone().follow_primary()));
-        let broker = Self {
-            follower,
-            commit: Committer::start(commands.clone(), keys.clone(), config.clone()),
-            commands,
-            source,
-            keys,
-            config: config.clone(),
-            position: script!("position.lua"),
-            history: script!("history.lua"),
-            marker: script!("marker.lua"),
-        };
-        broker.check_version().await.map_err(tls::explained)?;
-        broker.load_scripts().await.map_err(tls::explained)?;
-        Ok(broker)
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Self {
+            position: super::script!("position.lua"),
+            history: super::script!("history.lua"),
+            marker: super::script!("marker.lua"),
+        }
     }
+}
 
+/// One logical shard.
+pub(super) struct RedisShard {
+    pub(super) keys: Keys,
+    pub(super) commands: Arc<Commands>,
+    pub(super) commit: Committer,
+    pub(super) source: Arc<Source>,
+    pub(super) scripts: Arc<Scripts>,
+    pub(super) config: BrokerConfig,
+}
+
+impl RedisShard {
     /// Loads the scripts, so the first publish is one `EVALSHA`: a call that times out then is
     /// one Redis will still run, not a `NOSCRIPT` whose `EVAL` was never sent.
-    async fn load_scripts(&self) -> Result<(), BrokerError> {
+    pub(super) async fn load_scripts(&self) -> Result<(), BrokerError> {
         for script in [
-            &self.position,
-            &self.history,
-            &self.marker,
+            &self.scripts.position,
+            &self.scripts.history,
+            &self.scripts.marker,
             self.commit.script(),
         ] {
             let _: String = self
@@ -161,7 +134,37 @@ impl RedisBroker {
         Ok(())
     }
 
-    async fn check_version(&self) -> Result<(), BrokerError> {
+    /// Records the deployment's shard count on this server, or checks it against the one
+    /// recorded: data written with another count has its channels on other shards.
+    pub(super) async fn check_shard_count(&self, count: usize) -> Result<(), BrokerError> {
+        let key = format!("{}shards", self.config.redis_key_prefix);
+        let recorded: Option<String> = self
+            .commands
+            .with_conn(true, |mut c| {
+                let key = &key;
+                async move {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(count)
+                        .arg("NX")
+                        .arg("GET")
+                        .query_async(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        match recorded {
+            Some(recorded) if recorded != count.to_string() => Err(BrokerError::Config(format!(
+                "this deployment has {count} shard(s) (REDIS_SHARD_COUNT and REDIS_SHARDS) but \
+                 the data in Redis was written with {recorded}: every service must use the \
+                 same count, and changing it is a migration (see the README, Scaling past one \
+                 Redis)"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) async fn check_version(&self) -> Result<(), BrokerError> {
         let info: String = self
             .commands
             .with_conn(false, |mut c| async move {
@@ -185,7 +188,7 @@ impl RedisBroker {
         Ok(())
     }
 
-    pub async fn ping(&self) -> Result<(), BrokerError> {
+    pub(super) async fn ping(&self) -> Result<(), BrokerError> {
         let _: String = self
             .commands
             .with_conn(false, |mut c| async move {
@@ -196,12 +199,12 @@ impl RedisBroker {
     }
 
     /// Publishes `entries` atomically (see `commit`: concurrent requests share script calls).
-    pub async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<Accepted>, BrokerError> {
+    pub(super) async fn publish(&self, entries: &[Outgoing]) -> Result<Vec<Accepted>, BrokerError> {
         self.commit.publish(entries).await
     }
 
-    pub async fn position(&self) -> Result<Position, BrokerError> {
-        let mut call = self.position.prepare_invoke();
+    pub(super) async fn position(&self) -> Result<Position, BrokerError> {
+        let mut call = self.scripts.position.prepare_invoke();
         self.keys.lineage(&mut call, &self.config);
         let (epoch, seq): (u64, u64) = self
             .commands
@@ -213,11 +216,14 @@ impl RedisBroker {
         Ok(Position { epoch, seq })
     }
 
-    pub async fn history(&self, read: &HistoryRead<'_>) -> Result<Vec<ChannelPage>, BrokerError> {
+    pub(super) async fn history(
+        &self,
+        read: &HistoryRead<'_>,
+    ) -> Result<Vec<ChannelPage>, BrokerError> {
         if read.requests.is_empty() {
             return Ok(Vec::new());
         }
-        let mut call = self.history.prepare_invoke();
+        let mut call = self.scripts.history.prepare_invoke();
         self.keys.lineage(&mut call, &self.config);
         for (channel, _) in read.requests {
             call.key(self.keys.stream(channel));
@@ -256,7 +262,7 @@ impl RedisBroker {
     }
 
     /// Opens this replica's pub/sub connection, subscribed to its marker channel.
-    pub async fn connect_live(
+    pub(super) async fn connect_live(
         &self,
         replica: &str,
     ) -> Result<(RedisLiveSink, RedisLiveStream), BrokerError> {
@@ -272,8 +278,8 @@ impl RedisBroker {
 
     /// Asks Redis to publish the counter on this replica's marker channel. Returns whether a
     /// subscriber received it: `false` means the replica's pub/sub connection is gone.
-    pub async fn request_marker(&self, replica: &str) -> Result<bool, BrokerError> {
-        let mut call = self.marker.prepare_invoke();
+    pub(super) async fn request_marker(&self, replica: &str) -> Result<bool, BrokerError> {
+        let mut call = self.scripts.marker.prepare_invoke();
         self.keys.lineage(&mut call, &self.config);
         call.arg(self.keys.marker(replica));
         let receivers: u64 = self
@@ -287,7 +293,7 @@ impl RedisBroker {
     }
 
     /// Stores a one-time ticket under its digest for `ttl`. `Ok(false)`: the digest is taken.
-    pub async fn put_ticket(
+    pub(super) async fn put_ticket(
         &self,
         digest: &str,
         payload: &[u8],
@@ -316,7 +322,7 @@ impl RedisBroker {
 
     /// Takes a ticket: returns its payload and deletes it in one step, so it redeems once
     /// across all replicas.
-    pub async fn take_ticket(&self, digest: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+    pub(super) async fn take_ticket(&self, digest: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         let key = self.keys.ticket(digest);
         // GETDEL is not retried on another connection unless it surely never ran (a write).
         self.commands
@@ -325,18 +331,6 @@ impl RedisBroker {
                 async move { redis::cmd("GETDEL").arg(key).query_async(&mut c).await }
             })
             .await
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.config.redis_timeout
-    }
-}
-
-impl Drop for RedisBroker {
-    fn drop(&mut self) {
-        if let Some(follower) = &self.follower {
-            follower.abort();
-        }
     }
 }
 

@@ -7,11 +7,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures::Stream;
+use futures::{FutureExt, Stream, future::BoxFuture};
 use redis::aio::{PubSubSink, PubSubStream};
 
 use super::Keys;
-use crate::{BrokerError, Channel, Event, LiveMessage, Position};
+use crate::{BrokerError, Channel, Event, LiveControl, LiveMessage, Position};
 
 pub(super) async fn connect(
     client: &redis::Client,
@@ -25,7 +25,7 @@ pub(super) async fn connect(
     let (sink, stream) = pubsub.split();
     let marker = keys.marker(replica);
     let live_prefix = keys.live.clone();
-    let mut sink = RedisLiveSink {
+    let sink = RedisLiveSink {
         sink,
         keys: std::sync::Arc::new(keys),
         timeout,
@@ -47,27 +47,34 @@ pub struct RedisLiveSink {
     timeout: Duration,
 }
 
+impl LiveControl for RedisLiveSink {
+    fn subscribe<'a>(&'a self, channels: &'a [Channel]) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let names = channels.iter().map(|c| self.keys.live(c)).collect();
+        self.command(true, names).boxed()
+    }
+
+    fn unsubscribe<'a>(
+        &'a self,
+        channels: &'a [Channel],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        let names = channels.iter().map(|c| self.keys.live(c)).collect();
+        self.command(false, names).boxed()
+    }
+}
+
 impl RedisLiveSink {
-    pub async fn subscribe(&mut self, channels: &[Channel]) -> Result<(), BrokerError> {
-        let names = channels.iter().map(|c| self.keys.live(c)).collect();
-        self.command(true, names).await
-    }
-
-    pub async fn unsubscribe(&mut self, channels: &[Channel]) -> Result<(), BrokerError> {
-        let names = channels.iter().map(|c| self.keys.live(c)).collect();
-        self.command(false, names).await
-    }
-
-    async fn command(&mut self, subscribe: bool, names: Vec<String>) -> Result<(), BrokerError> {
+    async fn command(&self, subscribe: bool, names: Vec<String>) -> Result<(), BrokerError> {
         if names.is_empty() {
             return Ok(());
         }
         let timeout = self.timeout;
+        // The sink is a handle to the connection's task: a clone sends on the same connection.
+        let mut sink = self.sink.clone();
         let work = async {
             if subscribe {
-                self.sink.subscribe(names).await
+                sink.subscribe(names).await
             } else {
-                self.sink.unsubscribe(names).await
+                sink.unsubscribe(names).await
             }
         };
         tokio::time::timeout(timeout, work)

@@ -34,6 +34,23 @@ pub struct BrokerConfig {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
+    /// Several independent Redis servers, comma-separated URLs, instead of `REDIS_URL`: channels
+    /// are spread over `REDIS_SHARD_COUNT` logical shards, shard `i` on server `i mod n`.
+    #[arg(
+        long,
+        env = "REDIS_SHARDS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub redis_shards: Vec<String>,
+
+    /// Logical shards channels are spread over, with `REDIS_SHARDS` (default: one per
+    /// server). Fixed for a deployment: every service must use the same, and changing it is a
+    /// migration (a service refuses to start on data written with another count).
+    #[arg(long, env = "REDIS_SHARD_COUNT",
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub redis_shard_count: Option<u32>,
+
     /// Redis Sentinels, comma-separated `host:port`, instead of `REDIS_URL`: both services ask
     /// them for the master of `REDIS_SENTINEL_MASTER` and follow its failovers.
     #[arg(long, env = "REDIS_SENTINELS", value_delimiter = ',')]
@@ -126,6 +143,8 @@ impl BrokerConfig {
     pub fn memory() -> Self {
         Self {
             redis_url: None,
+            redis_shards: Vec::new(),
+            redis_shard_count: None,
             redis_sentinels: Vec::new(),
             redis_sentinel_master: None,
             redis_username: None,
@@ -152,13 +171,33 @@ impl BrokerConfig {
         self.redis_url.as_deref().map(redact_url)
     }
 
-    /// Whether a Redis is configured (`REDIS_URL` or Sentinels).
+    /// Whether a Redis is configured (`REDIS_URL`, Sentinels or shards).
     pub fn uses_redis(&self) -> bool {
-        self.redis_url.is_some() || !self.redis_sentinels.is_empty()
+        self.redis_url.is_some()
+            || !self.redis_sentinels.is_empty()
+            || !self.redis_shards.is_empty()
     }
 
-    /// Where Redis is, for logs: the URL without its password, or the Sentinels.
+    /// Whether channels are spread over shards (`REDIS_SHARDS`): keys carry hash tags.
+    pub fn uses_shards(&self) -> bool {
+        !self.redis_shards.is_empty()
+    }
+
+    /// The number of logical shards: `REDIS_SHARD_COUNT`, else one per `REDIS_SHARDS` server,
+    /// else one.
+    pub fn shard_count(&self) -> usize {
+        match self.redis_shard_count {
+            Some(count) => count as usize,
+            None => self.redis_shards.len().max(1),
+        }
+    }
+
+    /// Where Redis is, for logs: the URL without its password, the shards, or the Sentinels.
     pub fn redis_description(&self) -> String {
+        if !self.redis_shards.is_empty() {
+            let servers: Vec<String> = self.redis_shards.iter().map(|u| redact_url(u)).collect();
+            return format!("{} shards on {}", self.shard_count(), servers.join(","));
+        }
         match &self.redis_url {
             Some(_) => self.redacted_redis_url().unwrap_or_default(),
             None => format!(
@@ -172,6 +211,37 @@ impl BrokerConfig {
     /// Checks the Redis settings fit together; the message names the settings.
     pub fn check_redis(&self) -> Result<(), String> {
         let sentinels = !self.redis_sentinels.is_empty();
+        let chosen = [
+            self.redis_url.is_some(),
+            sentinels,
+            !self.redis_shards.is_empty(),
+        ];
+        if chosen.iter().filter(|&&c| c).count() > 1 {
+            return Err(
+                "set one of REDIS_URL, REDIS_SENTINELS (with REDIS_SENTINEL_MASTER) or \
+                 REDIS_SHARDS"
+                    .into(),
+            );
+        }
+        if let Some(count) = self.redis_shard_count {
+            if self.redis_shards.is_empty() {
+                return Err("REDIS_SHARD_COUNT goes with REDIS_SHARDS".into());
+            }
+            if (count as usize) < self.redis_shards.len() {
+                return Err(format!(
+                    "REDIS_SHARD_COUNT ({count}) is less than the servers in REDIS_SHARDS ({}): \
+                     some servers would hold no shard",
+                    self.redis_shards.len()
+                ));
+            }
+        }
+        if !self.redis_shards.is_empty() && self.redis_key_prefix.contains(['{', '}']) {
+            return Err(
+                "REDIS_KEY_PREFIX may not contain { or } with shards: each shard's keys carry \
+                 a hash tag"
+                    .into(),
+            );
+        }
         if self.redis_url.is_some() && (sentinels || self.redis_sentinel_master.is_some()) {
             return Err(
                 "set REDIS_URL or REDIS_SENTINELS with REDIS_SENTINEL_MASTER, not both".into(),
@@ -181,7 +251,8 @@ impl BrokerConfig {
             return Err("REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together".into());
         }
         for sentinel in &self.redis_sentinels {
-            crate::redis::parse_host_port(sentinel).map_err(|e| format!("REDIS_SENTINELS: {e}"))?;
+            crate::broker::redis::parse_host_port(sentinel)
+                .map_err(|e| format!("REDIS_SENTINELS: {e}"))?;
         }
         if self.redis_url.is_some()
             && (self.redis_username.is_some() || self.redis_password.is_some())
@@ -207,12 +278,27 @@ impl BrokerConfig {
     }
 
     fn check_tls(&self) -> Result<(), String> {
-        if self.redis_url.is_some() && self.redis_tls {
+        if (self.redis_url.is_some() || !self.redis_shards.is_empty()) && self.redis_tls {
             return Err(
-                "REDIS_TLS is for Sentinel setups; with REDIS_URL use the rediss:// scheme".into(),
+                "REDIS_TLS is for Sentinel setups; with REDIS_URL or REDIS_SHARDS use the \
+                 rediss:// scheme"
+                    .into(),
             );
         }
-        if self.redis_url.as_deref().is_some_and(|u| u.contains('#')) {
+        let tls_urls = self
+            .redis_shards
+            .iter()
+            .filter(|u| u.trim_start().to_ascii_lowercase().starts_with("rediss://"))
+            .count();
+        if tls_urls != 0 && tls_urls != self.redis_shards.len() {
+            return Err("REDIS_SHARDS: use rediss:// for all servers or for none".into());
+        }
+        if self
+            .redis_url
+            .iter()
+            .chain(&self.redis_shards)
+            .any(|u| u.contains('#'))
+        {
             return Err(
                 "REDIS_URL: a #fragment (#insecure) is not accepted; for a private CA set \
                  REDIS_TLS_CA_FILE"
@@ -247,7 +333,7 @@ impl BrokerConfig {
                     .into(),
             );
         }
-        crate::redis::tls::certificates(self).map(|_| ())
+        crate::broker::redis::tls::certificates(self).map(|_| ())
     }
 
     /// Granularity of the clock that tells how old a cursor is (see `docs/resume.md`): about a
@@ -273,6 +359,15 @@ impl fmt::Debug for BrokerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BrokerConfig")
             .field("redis_url", &self.redacted_redis_url())
+            .field(
+                "redis_shards",
+                &self
+                    .redis_shards
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("redis_shard_count", &self.redis_shard_count)
             .field("redis_sentinels", &self.redis_sentinels)
             .field("redis_sentinel_master", &self.redis_sentinel_master)
             .field("redis_username", &self.redis_username)

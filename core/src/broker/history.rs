@@ -7,21 +7,6 @@
 
 use crate::Event;
 
-/// Why a cursor is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("event id {0:?} is not valid: expected a decimal event id such as \"1042\"")]
-pub struct CursorError(pub String);
-
-/// Parses a client's cursor: the decimal `id` of the last event it saw.
-pub fn parse_cursor(text: &str) -> Result<u64, CursorError> {
-    let valid = !text.is_empty() && text.len() <= 20 && text.bytes().all(|b| b.is_ascii_digit());
-    let shown = || CursorError(text.chars().take(40).collect());
-    if !valid {
-        return Err(shown());
-    }
-    text.parse().map_err(|_| shown())
-}
-
 /// The broker's current position: its counter, and the epoch the counter was seeded in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
@@ -157,16 +142,6 @@ pub fn assess(after: u64, facts: &StreamFacts, recent: bool) -> Result<(), GapRe
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cursors_are_plain_decimal_ids() {
-        assert_eq!(parse_cursor("1042"), Ok(1042));
-        assert_eq!(parse_cursor("0"), Ok(0));
-        assert_eq!(parse_cursor("18446744073709551615"), Ok(u64::MAX));
-        for bad in ["", "-1", "12a", " 12", "1.5", "18446744073709551616", "1e3"] {
-            assert!(parse_cursor(bad).is_err(), "{bad:?}");
-        }
-    }
 
     const RECENT: bool = true;
     const OLD: bool = false;

@@ -9,16 +9,19 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use futures::Stream;
+use futures::{FutureExt, Stream, future::BoxFuture};
 use tokio::{sync::mpsc, time::Instant};
 
+use super::{Backend, LiveControl, LiveSink, LiveStream, Shards};
 use crate::{
     Accepted, BrokerConfig, BrokerError, Channel, ChannelPage, Event, HistoryRead, LiveMessage,
     Outgoing, Position, Removed, StreamFacts, config::CLOCK_KEEP,
 };
 
-/// An in-process broker. Cheap to share: wrap it in an `Arc`.
+/// An in-process broker, one shard, shared through an `Arc`.
 pub struct MemoryBroker {
+    /// Itself, for the live connections it hands out.
+    me: Weak<MemoryBroker>,
     state: Mutex<State>,
     tickets: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
     max_len: usize,
@@ -55,7 +58,7 @@ struct LiveConn {
 }
 
 impl MemoryBroker {
-    pub fn new(config: &BrokerConfig) -> Self {
+    pub fn new(config: &BrokerConfig) -> Arc<Self> {
         // Seeded from the wall clock like the Redis counter, so a cursor from a previous run is
         // never mistaken for a position in this one.
         let millis = SystemTime::now()
@@ -63,7 +66,8 @@ impl MemoryBroker {
             .map_or(0, |d| d.as_millis() as u64);
         let seed = millis * 1000;
         let now = Instant::now();
-        Self {
+        Arc::new_cyclic(|me| Self {
+            me: me.clone(),
             state: Mutex::new(State {
                 seq: seed,
                 epoch: seed,
@@ -82,7 +86,7 @@ impl MemoryBroker {
             idempotency_ttl: config.idempotency_ttl,
             bucket: Duration::from_secs(config.clock_bucket_secs()),
             timeout: config.redis_timeout,
-        }
+        })
     }
 
     /// The operation timeout callers use for waits that involve this broker.
@@ -262,7 +266,7 @@ impl MemoryBroker {
     }
 
     /// Opens a live connection for `replica`; its messages arrive in publish order.
-    pub fn connect_live(self: &Arc<Self>, replica: &str) -> (MemoryLiveSink, MemoryLiveStream) {
+    pub fn connect_live(&self, replica: &str) -> (MemoryLiveSink, MemoryLiveStream) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut state = self.lock();
         let id = state.next_conn;
@@ -276,13 +280,13 @@ impl MemoryBroker {
             },
         );
         let sink = MemoryLiveSink {
-            broker: Arc::downgrade(self),
+            broker: self.me.clone(),
             id,
         };
         let stream = MemoryLiveStream {
             rx,
             _guard: ConnGuard {
-                broker: Arc::downgrade(self),
+                broker: self.me.clone(),
                 id,
             },
         };
@@ -301,6 +305,99 @@ impl MemoryBroker {
             delivered |= conn.tx.send(LiveMessage::Marker(position)).is_ok();
         }
         delivered
+    }
+}
+
+impl Backend for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn shards(&self) -> &Shards {
+        &Shards::ONE
+    }
+
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn ping(&self, _shard: usize) -> BoxFuture<'_, Result<(), BrokerError>> {
+        async { Ok(()) }.boxed()
+    }
+
+    fn publish<'a>(
+        &'a self,
+        _shard: usize,
+        entries: &'a [Outgoing],
+    ) -> BoxFuture<'a, Result<Vec<Accepted>, BrokerError>> {
+        let accepted = MemoryBroker::publish(self, entries);
+        async move { Ok(accepted) }.boxed()
+    }
+
+    fn position(&self, _shard: usize) -> BoxFuture<'_, Result<Position, BrokerError>> {
+        let position = MemoryBroker::position(self);
+        async move { Ok(position) }.boxed()
+    }
+
+    fn history<'a>(
+        &'a self,
+        _shard: usize,
+        read: &'a HistoryRead<'a>,
+    ) -> BoxFuture<'a, Result<Vec<ChannelPage>, BrokerError>> {
+        let pages = MemoryBroker::history(self, read);
+        async move { pages }.boxed()
+    }
+
+    fn connect_live<'a>(
+        &'a self,
+        _shard: usize,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<(LiveSink, LiveStream), BrokerError>> {
+        let (sink, stream) = MemoryBroker::connect_live(self, replica);
+        let live: (LiveSink, LiveStream) = (LiveSink(Arc::new(sink)), Box::pin(stream));
+        async move { Ok(live) }.boxed()
+    }
+
+    fn request_marker<'a>(
+        &'a self,
+        _shard: usize,
+        replica: &'a str,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        let delivered = MemoryBroker::request_marker(self, replica);
+        async move { Ok(delivered) }.boxed()
+    }
+
+    fn put_ticket<'a>(
+        &'a self,
+        digest: &'a str,
+        payload: &'a [u8],
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, BrokerError>> {
+        let stored = MemoryBroker::put_ticket(self, digest, payload, ttl);
+        async move { Ok(stored) }.boxed()
+    }
+
+    fn take_ticket<'a>(
+        &'a self,
+        digest: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, BrokerError>> {
+        let taken = MemoryBroker::take_ticket(self, digest);
+        async move { Ok(taken) }.boxed()
+    }
+}
+
+impl LiveControl for MemoryLiveSink {
+    fn subscribe<'a>(&'a self, channels: &'a [Channel]) -> BoxFuture<'a, Result<(), BrokerError>> {
+        MemoryLiveSink::subscribe(self, channels);
+        async { Ok(()) }.boxed()
+    }
+
+    fn unsubscribe<'a>(
+        &'a self,
+        channels: &'a [Channel],
+    ) -> BoxFuture<'a, Result<(), BrokerError>> {
+        MemoryLiveSink::unsubscribe(self, channels);
+        async { Ok(()) }.boxed()
     }
 }
 

@@ -22,31 +22,56 @@ pub(crate) enum Source {
     },
 }
 
+/// The one place Redis clients are built, address, credentials and TLS: one source for
+/// `REDIS_URL` or the Sentinels, one per server for `REDIS_SHARDS`.
+pub(crate) fn sources(config: &BrokerConfig) -> Result<Vec<Source>, BrokerError> {
+    let certificates = tls::certificates(config).map_err(BrokerError::Config)?;
+    if config.redis_tls_enabled() {
+        tls::install_crypto();
+    }
+    if config.redis_tls_skip_hostname_check {
+        tracing::warn!(
+            "REDIS_TLS_SKIP_HOSTNAME_CHECK is on: any server with a certificate from a trusted \
+             CA is accepted as Redis; for development only"
+        );
+    }
+    if let Some(url) = &config.redis_url {
+        return Ok(vec![Source::url(url, certificates, config)?]);
+    }
+    if !config.redis_shards.is_empty() {
+        return config
+            .redis_shards
+            .iter()
+            .map(|url| Source::url(url, certificates.clone(), config))
+            .collect();
+    }
+    Ok(vec![Source::sentinel(config, certificates)?])
+}
+
 impl Source {
-    /// The one place Redis clients are built: address, credentials and TLS.
-    pub(crate) fn new(config: &BrokerConfig) -> Result<Self, BrokerError> {
-        let certificates = tls::certificates(config).map_err(BrokerError::Config)?;
-        if config.redis_tls_enabled() {
-            tls::install_crypto();
+    fn url(
+        url: &str,
+        certificates: Option<redis::TlsCertificates>,
+        config: &BrokerConfig,
+    ) -> Result<Self, BrokerError> {
+        let info = url.into_connection_info()?;
+        let client = match certificates {
+            Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
+            None => redis::Client::open(info)?,
+        };
+        if !config.redis_tls_skip_hostname_check {
+            return Ok(Self::Url(client));
         }
-        if let Some(url) = &config.redis_url {
-            let info = url.as_str().into_connection_info()?;
-            let client = match certificates {
-                Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
-                None => redis::Client::open(info)?,
-            };
-            if !config.redis_tls_skip_hostname_check {
-                return Ok(Self::Url(client));
-            }
-            tracing::warn!(
-                "REDIS_TLS_SKIP_HOSTNAME_CHECK is on: any server with a certificate from a \
-                 trusted CA is accepted as Redis; for development only"
-            );
-            let info = client.get_connection_info().clone();
-            let mut addr = info.addr().clone();
-            addr.set_danger_accept_invalid_hostnames(true);
-            return Ok(Self::Url(redis::Client::open(info.set_addr(addr))?));
-        }
+        let info = client.get_connection_info().clone();
+        let mut addr = info.addr().clone();
+        addr.set_danger_accept_invalid_hostnames(true);
+        Ok(Self::Url(redis::Client::open(info.set_addr(addr))?))
+    }
+
+    fn sentinel(
+        config: &BrokerConfig,
+        certificates: Option<redis::TlsCertificates>,
+    ) -> Result<Self, BrokerError> {
         let master = config.redis_sentinel_master.clone().unwrap_or_default();
         let tls_on = config.redis_tls;
         let sentinels = config

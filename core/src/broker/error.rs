@@ -38,6 +38,13 @@ pub enum BrokerError {
     /// Too much is going on to start this now; retry shortly.
     #[error("busy: {0}")]
     Busy(&'static str),
+    /// A publish over several shards that some shards applied and others did not: `accepted`
+    /// holds, per entry, its answer where its shard applied it.
+    #[error("some shards failed: {cause}")]
+    Partial {
+        accepted: Vec<Option<crate::Accepted>>,
+        cause: Box<BrokerError>,
+    },
     /// The failure of a read that several requests shared.
     #[error("{0}")]
     Shared(Arc<BrokerError>),
@@ -49,6 +56,7 @@ impl BrokerError {
         match self {
             BrokerError::OutcomeUnknown(_) => true,
             BrokerError::Shared(inner) => inner.outcome_unknown(),
+            BrokerError::Partial { cause, .. } => cause.outcome_unknown(),
             _ => false,
         }
     }
