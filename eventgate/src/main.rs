@@ -383,10 +383,7 @@ async fn standalone(mut args: StandaloneArgs, shutdown: CancellationToken) -> Re
         .map_err(|e| Failure(EX_USAGE, anyhow::anyhow!(e)))?;
     let verifier = Verifier::new(&args.auth).map_err(usage)?;
     let publisher_auth = PublisherAuth::from_config(&args.publisher, &args.auth).map_err(usage)?;
-    let broker = Broker::from_config(&args.broker)
-        .await
-        .with_context(|| redis_context(&args.broker))
-        .map_err(|e| Failure(EX_UNAVAILABLE, e))?;
+    let broker = connect_broker(&args.broker).await?;
     let gateway_listener = bind(args.gateway.gateway_addr, "gateway").await?;
     let publisher_listener = bind(args.publisher.publisher_addr, "publisher").await?;
     let gateway_url = url_of(&gateway_listener);
@@ -467,10 +464,25 @@ async fn connect_redis(config: &BrokerConfig, role: &str) -> Result<Broker, Fail
     config
         .check_redis()
         .map_err(|e| Failure(EX_USAGE, anyhow::anyhow!(e)))?;
-    Broker::from_config(config)
-        .await
-        .with_context(|| redis_context(config))
-        .map_err(|e| Failure(EX_UNAVAILABLE, e))
+    connect_broker(config).await
+}
+
+/// Connects the broker: settings that do not fit the data (another shard count) exit 64,
+/// anything else 69.
+async fn connect_broker(config: &BrokerConfig) -> Result<Broker, Failure> {
+    match Broker::from_config(config).await {
+        Ok(broker) => Ok(broker),
+        Err(e) => {
+            let status = match e {
+                eventgate_core::BrokerError::Config(_) => EX_USAGE,
+                _ => EX_UNAVAILABLE,
+            };
+            Err(Failure(
+                status,
+                anyhow::Error::new(e).context(redis_context(config)),
+            ))
+        }
+    }
 }
 
 fn redis_context(config: &BrokerConfig) -> String {

@@ -133,24 +133,28 @@ async fn batch_is_delivered_in_request_order(backend: Backend) {
     let channels: Vec<&str> = published.iter().map(|(c, _)| c.as_str()).collect();
     assert_eq!(channels, ["a", "b", "a", "b"]);
     let ids: Vec<u64> = published.iter().map(|(_, id)| *id).collect();
+    // One atomic step per shard: consecutive ids on one counter.
     assert!(
-        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        backend == Backend::Shards || ids.windows(2).all(|w| w[1] == w[0] + 1),
         "one atomic step: consecutive ids {ids:?}"
     );
     let got = client.expect_events(4, SOON).await;
-    let seen: Vec<(String, u64, Option<String>)> = got
+    let mut seen: Vec<(String, u64, Option<String>)> = got
         .iter()
         .map(|e| (e.channel().to_owned(), e.id, e.event.clone()))
         .collect();
-    assert_eq!(
-        seen,
-        [
-            ("a".into(), ids[0], Some("one".into())),
-            ("b".into(), ids[1], Some("two".into())),
-            ("a".into(), ids[2], Some("two".into())),
-            ("b".into(), ids[3], None),
-        ]
-    );
+    let mut want: Vec<(String, u64, Option<String>)> = vec![
+        ("a".into(), ids[0], Some("one".into())),
+        ("b".into(), ids[1], Some("two".into())),
+        ("a".into(), ids[2], Some("two".into())),
+        ("b".into(), ids[3], None),
+    ];
+    if backend == Backend::Shards {
+        // Request order per channel; channels of different shards interleave freely.
+        seen.sort_by(|x, y| x.0.cmp(&y.0));
+        want.sort_by(|x, y| x.0.cmp(&y.0));
+    }
+    assert_eq!(seen, want);
 }
 
 async fn resume_replays_exactly_what_was_missed(backend: Backend) {
@@ -225,7 +229,7 @@ async fn one_id_resumes_every_channel_of_a_connection(backend: Backend) {
         .iter()
         .map(|e| (e.channel().to_owned(), e.id))
         .collect();
-    assert_eq!(got, expected, "every channel, in global order");
+    assert_delivered(backend, &got, &expected, "every channel, in global order");
 }
 
 async fn query_last_event_id_resumes_a_first_connect_and_the_header_wins(backend: Backend) {
@@ -624,9 +628,11 @@ async fn resume_is_exact_while_publishing_and_reconnecting(backend: Backend) {
             expected.len(),
             "client {i}: count (loss or duplicates)"
         );
-        assert_eq!(
-            received, expected,
-            "client {i}: exactly its channels' events, in order"
+        assert_delivered(
+            backend,
+            &received,
+            &expected,
+            &format!("client {i}: exactly its channels' events, in order"),
         );
     }
 }

@@ -51,11 +51,18 @@ async fn five_concurrent_retries_of_a_batch_publish_it_once(backend: Backend) {
         assert_eq!(*status, StatusCode::ACCEPTED, "{json}");
         assert_eq!(json, first, "every retry gets the original ids");
     }
-    assert_eq!(
-        answers.iter().filter(|(_, replayed, _)| !replayed).count(),
-        1,
-        "exactly one publish was not a replay"
-    );
+    // On one counter one request publishes everything; over shards each shard's part is
+    // published by whichever request got there first (`Idempotent-Replayed` says whether all
+    // of a request's entries were replays).
+    let fresh = answers.iter().filter(|(_, replayed, _)| !replayed).count();
+    if backend == Backend::Shards {
+        assert!(
+            (1..=2).contains(&fresh),
+            "{fresh} requests published something"
+        );
+    } else {
+        assert_eq!(fresh, 1, "exactly one publish was not a replay");
+    }
     let ids: Vec<u64> = published(first).iter().map(|(_, id)| *id).collect();
     assert_eq!(ids.len(), 3);
     // The subscriber gets the three entries once, and nothing else arrives.

@@ -381,24 +381,47 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Ready while the live connection is up and caught up, and not shutting down.
+/// Ready while at least one shard's live connection is: with several shards, one that is down
+/// makes every replica equally unable to serve it, and taking them all out of the load balancer
+/// would cut off the other shards' clients too. The body says which shards are up.
 async fn readyz(State(state): State<Arc<GatewayState>>) -> Response {
+    let shards = state.live.shards_ready();
     let reason = if state.draining.is_cancelled() || state.shutdown.is_cancelled() {
         Some("shutting_down")
     } else if state.admission.is_full() {
         Some("at_capacity")
-    } else if !state.live.is_ready() {
+    } else if !shards.iter().any(|r| *r) {
         Some("broker_unavailable")
     } else {
         None
     };
-    match reason {
-        None => Json(json!({"status": "ready"})).into_response(),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": reason})),
-        )
-            .into_response(),
+    readiness(reason, &shards)
+}
+
+/// A `/readyz` answer, with each shard's state when there are several.
+pub(crate) fn readiness(reason: Option<&str>, shards: &[bool]) -> Response {
+    let mut body = match reason {
+        None if shards.iter().all(|r| *r) => json!({"status": "ready"}),
+        None => json!({"status": "degraded"}),
+        Some(reason) => json!({"status": "not_ready", "reason": reason}),
+    };
+    if shards.len() > 1 {
+        body["shards"] = shard_states(shards);
     }
+    let status = if reason.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
+}
+
+fn shard_states(shards: &[bool]) -> serde_json::Value {
+    shards
+        .iter()
+        .enumerate()
+        .map(|(shard, ready)| json!({"shard": shard, "ready": ready}))
+        .collect()
 }
 
 async fn stats(State(state): State<Arc<GatewayState>>) -> Json<serde_json::Value> {
@@ -408,6 +431,7 @@ async fn stats(State(state): State<Arc<GatewayState>>) -> Json<serde_json::Value
         "replica": state.replica,
         "broker": state.broker.kind(),
         "ready": state.live.is_ready(),
+        "shards": shard_states(&state.live.shards_ready()),
         "connections": get(&s.connections_sse) + get(&s.connections_ws),
         "connections_sse": get(&s.connections_sse),
         "connections_ws": get(&s.connections_ws),

@@ -153,6 +153,22 @@ fn labelled_counters(
     Ok(())
 }
 
+/// Whether each shard's live connection is ready, labelled by shard index (never a channel).
+fn shard_gauges(encoder: &mut DescriptorEncoder, ready: &[bool]) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(
+        "shard_ready",
+        "1 while this replica's live connection of the shard is ready.",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for (shard, up) in ready.iter().enumerate() {
+        let shard = shard.to_string();
+        let labels = [("shard", shard.as_str())];
+        ConstGauge::new(i64::from(*up)).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 impl Collector for GatewayCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
         let Some(state) = self.state.upgrade() else {
@@ -270,6 +286,7 @@ impl Collector for GatewayCollector {
             state.history.cached_bytes() as i64,
         )?;
         refusals(e, &state.admission)?;
+        shard_gauges(e, &state.live.shards_ready())?;
         gauge(
             e,
             "rate_limit_keys",

@@ -62,6 +62,19 @@ pub enum ApiError {
          with the same Idempotency-Key (a retry without one may publish twice)"
     )]
     OutcomeUnknown(#[source] BrokerError),
+    /// A request over several shards that some shards applied: `published` names what was
+    /// published (it stays published), `failed` the entries that were not (or may not have
+    /// been).
+    #[error(
+        "some events were published and some were not (a shard of the broker failed); retry \
+         with the same Idempotency-Key, or resend only the entries under `failed`"
+    )]
+    PartiallyPublished {
+        published: Vec<serde_json::Value>,
+        failed: Vec<serde_json::Value>,
+        #[source]
+        cause: BrokerError,
+    },
 }
 
 impl ApiError {
@@ -83,6 +96,9 @@ impl ApiError {
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::OutcomeUnknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "outcome_unknown"),
+            ApiError::PartiallyPublished { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "partially_published")
+            }
             ApiError::Unauthorized { code, .. } => (StatusCode::UNAUTHORIZED, code),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::MintingDisabled => (StatusCode::NOT_IMPLEMENTED, "minting_disabled"),
@@ -114,10 +130,21 @@ impl IntoResponse for ApiError {
             ApiError::OutcomeUnknown(cause) => {
                 tracing::warn!(error = %cause, "publish failed after it may have been applied")
             }
+            ApiError::PartiallyPublished { cause, .. } => {
+                tracing::warn!(error = %cause, "publish failed on some shards")
+            }
             ApiError::Internal(cause) => tracing::error!(%cause, "answering 500"),
             _ => {}
         }
-        let body = Json(json!({"error": {"code": code, "message": self.to_string()}}));
+        let mut body = json!({"error": {"code": code, "message": self.to_string()}});
+        if let ApiError::PartiallyPublished {
+            published, failed, ..
+        } = &self
+        {
+            body["published"] = json!(published);
+            body["failed"] = json!(failed);
+        }
+        let body = Json(body);
         let retry_after = match &self {
             ApiError::RateLimited { retry, .. } => Some(retry.seconds()),
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),

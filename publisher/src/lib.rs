@@ -175,23 +175,39 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 /// Ready while the broker answers and the publisher is not shutting down.
+/// Ready while at least one shard answers: publishes to the others' channels still work (a
+/// shard that is down answers 503 for its channels only). The body says which shards are up.
 async fn readyz(State(state): State<Arc<PublisherState>>) -> Response {
-    let reason = if state.shutdown.is_cancelled() {
-        Some("shutting_down".to_owned())
-    } else {
-        state
-            .broker
-            .ping()
+    let count = state.broker.shards().count();
+    let shards: Vec<bool> =
+        futures::future::join_all((0..count).map(|shard| state.broker.ping_shard(shard)))
             .await
-            .err()
-            .map(|_| "broker_unavailable".to_owned())
+            .into_iter()
+            .map(|r| r.is_ok())
+            .collect();
+    let reason = if state.shutdown.is_cancelled() {
+        Some("shutting_down")
+    } else if !shards.iter().any(|r| *r) {
+        Some("broker_unavailable")
+    } else {
+        None
     };
-    match reason {
-        None => Json(json!({"status": "ready"})).into_response(),
-        Some(reason) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": reason})),
-        )
-            .into_response(),
+    let mut body = match reason {
+        None if shards.iter().all(|r| *r) => json!({"status": "ready"}),
+        None => json!({"status": "degraded"}),
+        Some(reason) => json!({"status": "not_ready", "reason": reason}),
+    };
+    if count > 1 {
+        body["shards"] = shards
+            .iter()
+            .enumerate()
+            .map(|(shard, ready)| json!({"shard": shard, "ready": ready}))
+            .collect();
     }
+    let status = if reason.is_some() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (status, Json(body)).into_response()
 }

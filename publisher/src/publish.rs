@@ -9,7 +9,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
 };
 use eventgate_core::{
-    Channel, Outgoing,
+    BrokerError, Channel, Outgoing,
     event::{check_event_name, compact_json, encode_body, format_timestamp},
     telemetry,
 };
@@ -131,14 +131,17 @@ pub async fn publish(
             entry.body = telemetry::with_traceparent(&entry.body, &traceparent);
         }
     }
-    let seqs = state
-        .broker
-        .publish(&entries)
-        .instrument(step)
-        .await
-        .inspect_err(|_| {
+    let seqs = match state.broker.publish(&entries).instrument(step).await {
+        Ok(seqs) => seqs,
+        Err(BrokerError::Partial { accepted, cause }) => {
             state.metrics.broker_errors.inc();
-        })?;
+            return Err(partially_published(&entries, accepted, *cause));
+        }
+        Err(e) => {
+            state.metrics.broker_errors.inc();
+            return Err(e.into());
+        }
+    };
     let fresh = seqs.iter().filter(|a| !a.replayed).count();
     state.metrics.events_published.inc_by(fresh as u64);
     if let ([entry], [accepted]) = (entries.as_slice(), seqs.as_slice()) {
@@ -163,6 +166,29 @@ pub async fn publish(
         headers,
         Json(PublishResponse { published }),
     ))
+}
+
+/// The answer to a request some shards applied: per entry (in request order, `index` its
+/// place), its id where published.
+fn partially_published(
+    entries: &[Outgoing],
+    accepted: Vec<Option<eventgate_core::Accepted>>,
+    cause: BrokerError,
+) -> ApiError {
+    let (mut published, mut failed) = (Vec::new(), Vec::new());
+    for (index, (entry, answer)) in entries.iter().zip(accepted).enumerate() {
+        match answer {
+            Some(answer) => published.push(serde_json::json!({
+                "index": index, "channel": entry.channel, "id": answer.seq.to_string()
+            })),
+            None => failed.push(serde_json::json!({"index": index, "channel": entry.channel})),
+        }
+    }
+    ApiError::PartiallyPublished {
+        published,
+        failed,
+        cause,
+    }
 }
 
 pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {

@@ -111,6 +111,8 @@ where
 pub enum Backend {
     Memory,
     Redis,
+    /// Three independent Redis servers (`REDIS_SHARDS`), one shard each.
+    Shards,
 }
 
 /// Settings for a test stack.
@@ -177,6 +179,8 @@ impl Service {
 pub struct Stack {
     pub backend: Backend,
     pub redis: Option<RedisServer>,
+    /// The servers of a `Shards` stack.
+    pub shard_servers: Vec<RedisServer>,
     pub options: Options,
     /// The one broker of a memory stack, shared like in `standalone`.
     memory: Option<Broker>,
@@ -191,8 +195,16 @@ impl Stack {
     }
 
     pub async fn start_with(backend: Backend, mut options: Options) -> Self {
+        let mut shard_servers = Vec::new();
         let (redis, memory) = match backend {
             Backend::Memory => (None, Some(Broker::memory(&options.broker))),
+            Backend::Shards => {
+                for _ in 0..3 {
+                    shard_servers.push(RedisServer::start().await);
+                }
+                options.broker.redis_shards = shard_servers.iter().map(|r| r.url()).collect();
+                (None, None)
+            }
             Backend::Redis => {
                 let redis = if options.persistent_redis {
                     RedisServer::start_persistent().await
@@ -207,6 +219,7 @@ impl Stack {
         let mut stack = Self {
             backend,
             redis,
+            shard_servers,
             memory,
             publisher: Service {
                 url: String::new(),
@@ -382,9 +395,41 @@ impl Stack {
             .expect("stats JSON")
     }
 
+    /// Keys matching `pattern` on every Redis server of the stack.
+    pub async fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        let mut keys = Vec::new();
+        for server in self.redis.iter().chain(&self.shard_servers) {
+            keys.extend(server.query::<Vec<String>>(&["KEYS", pattern]).await);
+        }
+        keys
+    }
+
     pub fn redis(&self) -> &RedisServer {
         self.redis.as_ref().expect("a Redis stack")
     }
+}
+
+/// Asserts a client got `expected` `(channel, id)` events: in exactly that order on one
+/// counter; with several shards (no order across shards), in that order per channel.
+pub fn assert_delivered(
+    backend: Backend,
+    got: &[(String, u64)],
+    expected: &[(String, u64)],
+    what: &str,
+) {
+    if backend != Backend::Shards {
+        assert_eq!(got, expected, "{what}");
+        return;
+    }
+    let by_channel = |list: &[(String, u64)]| {
+        let mut map: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for (channel, id) in list {
+            map.entry(channel.clone()).or_default().push(*id);
+        }
+        map
+    };
+    assert_eq!(got.len(), expected.len(), "{what}: count");
+    assert_eq!(by_channel(got), by_channel(expected), "{what}, per channel");
 }
 
 /// `(channel, id)` pairs of a 202 answer.
@@ -402,7 +447,8 @@ pub fn published(json: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Declares one async test per backend: `name::memory` and `name::redis`.
+/// Declares one async test per backend: `name::memory`, `name::redis` (one Redis) and
+/// `name::shards` (three independent Redis servers).
 #[macro_export]
 macro_rules! on_both_brokers {
     ($($name:ident),* $(,)?) => {
@@ -415,6 +461,10 @@ macro_rules! on_both_brokers {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {
                     super::$name($crate::support::Backend::Redis).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn shards() {
+                    super::$name($crate::support::Backend::Shards).await
                 }
             }
         )*

@@ -120,7 +120,7 @@ impl SseClient {
                 id: block
                     .id
                     .as_deref()
-                    .map_or(0, |id| id.parse().expect("numeric id")),
+                    .map_or(0, |id| event_seq(id, envelope["channel"].as_str())),
                 event: block.event.clone(),
                 envelope,
                 block,
@@ -157,6 +157,26 @@ impl SseClient {
                 Err(End::Closed) => return blocks,
                 Err(End::Timeout) => panic!("stream still open after {timeout:?}: {blocks:?}"),
             }
+        }
+    }
+}
+
+/// The `seq` of an event from its `id:` line: the id itself on one shard; over several, the
+/// position of the event's channel's shard in the `v1.` cursor.
+pub fn event_seq(id: &str, channel: Option<&str>) -> u64 {
+    match eventgate_core::Cursor::parse(id).expect("an id the gateway sent") {
+        eventgate_core::Cursor::Plain(seq) => seq,
+        eventgate_core::Cursor::Shards { count, positions } => {
+            // A reset names no single channel: no seq of its own.
+            let Some(channel) = channel.and_then(|c| eventgate_core::Channel::parse(c).ok()) else {
+                return 0;
+            };
+            let shard = eventgate_core::Shards::new(count).shard_of(&channel);
+            positions
+                .iter()
+                .find(|(s, _)| *s == shard)
+                .map(|(_, seq)| *seq)
+                .expect("the event's shard in the id")
         }
     }
 }
