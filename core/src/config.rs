@@ -44,8 +44,19 @@ pub struct BrokerConfig {
     )]
     pub redis_shards: Vec<String>,
 
+    /// A Redis Cluster (7.0 or newer), comma-separated seed URLs (`redis://10.0.0.5:6379`),
+    /// instead of `REDIS_URL`: channels are spread over `REDIS_SHARD_COUNT` logical shards, each
+    /// in one slot, with sharded pub/sub.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub redis_cluster: Vec<String>,
+
     /// Logical shards channels are spread over, with `REDIS_SHARDS` (default: one per
-    /// server). Fixed for a deployment: every service must use the same, and changing it is a
+    /// server) or `REDIS_CLUSTER` (default 16). Fixed for a deployment: every service must use the same, and changing it is a
     /// migration (a service refuses to start on data written with another count).
     #[arg(long, env = "REDIS_SHARD_COUNT",
           value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -144,6 +155,7 @@ impl BrokerConfig {
         Self {
             redis_url: None,
             redis_shards: Vec::new(),
+            redis_cluster: Vec::new(),
             redis_shard_count: None,
             redis_sentinels: Vec::new(),
             redis_sentinel_master: None,
@@ -176,11 +188,22 @@ impl BrokerConfig {
         self.redis_url.is_some()
             || !self.redis_sentinels.is_empty()
             || !self.redis_shards.is_empty()
+            || !self.redis_cluster.is_empty()
     }
 
-    /// Whether channels are spread over shards (`REDIS_SHARDS`): keys carry hash tags.
+    /// Whether channels are spread over shards (`REDIS_SHARDS`, `REDIS_CLUSTER`): keys carry
+    /// hash tags.
     pub fn uses_shards(&self) -> bool {
-        !self.redis_shards.is_empty()
+        !self.redis_shards.is_empty() || !self.redis_cluster.is_empty()
+    }
+
+    /// The Redis URLs given for shards or cluster seeds.
+    fn shard_urls(&self) -> &[String] {
+        if self.redis_cluster.is_empty() {
+            &self.redis_shards
+        } else {
+            &self.redis_cluster
+        }
     }
 
     /// The number of logical shards: `REDIS_SHARD_COUNT`, else one per `REDIS_SHARDS` server,
@@ -188,12 +211,21 @@ impl BrokerConfig {
     pub fn shard_count(&self) -> usize {
         match self.redis_shard_count {
             Some(count) => count as usize,
+            None if !self.redis_cluster.is_empty() => 16,
             None => self.redis_shards.len().max(1),
         }
     }
 
     /// Where Redis is, for logs: the URL without its password, the shards, or the Sentinels.
     pub fn redis_description(&self) -> String {
+        if !self.redis_cluster.is_empty() {
+            let seeds: Vec<String> = self.redis_cluster.iter().map(|u| redact_url(u)).collect();
+            return format!(
+                "{} shards on the Redis Cluster of {}",
+                self.shard_count(),
+                seeds.join(",")
+            );
+        }
         if !self.redis_shards.is_empty() {
             let servers: Vec<String> = self.redis_shards.iter().map(|u| redact_url(u)).collect();
             return format!("{} shards on {}", self.shard_count(), servers.join(","));
@@ -215,19 +247,20 @@ impl BrokerConfig {
             self.redis_url.is_some(),
             sentinels,
             !self.redis_shards.is_empty(),
+            !self.redis_cluster.is_empty(),
         ];
         if chosen.iter().filter(|&&c| c).count() > 1 {
             return Err(
-                "set one of REDIS_URL, REDIS_SENTINELS (with REDIS_SENTINEL_MASTER) or \
-                 REDIS_SHARDS"
+                "set one of REDIS_URL, REDIS_SENTINELS (with REDIS_SENTINEL_MASTER), \
+                 REDIS_SHARDS or REDIS_CLUSTER"
                     .into(),
             );
         }
         if let Some(count) = self.redis_shard_count {
-            if self.redis_shards.is_empty() {
-                return Err("REDIS_SHARD_COUNT goes with REDIS_SHARDS".into());
+            if !self.uses_shards() {
+                return Err("REDIS_SHARD_COUNT goes with REDIS_SHARDS or REDIS_CLUSTER".into());
             }
-            if (count as usize) < self.redis_shards.len() {
+            if self.redis_cluster.is_empty() && (count as usize) < self.redis_shards.len() {
                 return Err(format!(
                     "REDIS_SHARD_COUNT ({count}) is less than the servers in REDIS_SHARDS ({}): \
                      some servers would hold no shard",
@@ -235,7 +268,7 @@ impl BrokerConfig {
                 ));
             }
         }
-        if !self.redis_shards.is_empty() && self.redis_key_prefix.contains(['{', '}']) {
+        if self.uses_shards() && self.redis_key_prefix.contains(['{', '}']) {
             return Err(
                 "REDIS_KEY_PREFIX may not contain { or } with shards: each shard's keys carry \
                  a hash tag"
@@ -268,35 +301,40 @@ impl BrokerConfig {
 
     /// Whether Redis connections use TLS.
     pub fn redis_tls_enabled(&self) -> bool {
-        match &self.redis_url {
-            Some(url) => url
-                .trim_start()
+        let tls = |url: &String| {
+            url.trim_start()
                 .to_ascii_lowercase()
-                .starts_with("rediss://"),
+                .starts_with("rediss://")
+        };
+        match &self.redis_url {
+            Some(url) => tls(url),
+            None if self.uses_shards() => self.shard_urls().iter().all(tls),
             None => self.redis_tls,
         }
     }
 
     fn check_tls(&self) -> Result<(), String> {
-        if (self.redis_url.is_some() || !self.redis_shards.is_empty()) && self.redis_tls {
+        if (self.redis_url.is_some() || self.uses_shards()) && self.redis_tls {
             return Err(
-                "REDIS_TLS is for Sentinel setups; with REDIS_URL or REDIS_SHARDS use the \
-                 rediss:// scheme"
+                "REDIS_TLS is for Sentinel setups; with REDIS_URL, REDIS_SHARDS or \
+                 REDIS_CLUSTER use the rediss:// scheme"
                     .into(),
             );
         }
         let tls_urls = self
-            .redis_shards
+            .shard_urls()
             .iter()
             .filter(|u| u.trim_start().to_ascii_lowercase().starts_with("rediss://"))
             .count();
-        if tls_urls != 0 && tls_urls != self.redis_shards.len() {
-            return Err("REDIS_SHARDS: use rediss:// for all servers or for none".into());
+        if tls_urls != 0 && tls_urls != self.shard_urls().len() {
+            return Err(
+                "REDIS_SHARDS, REDIS_CLUSTER: use rediss:// for every server or none".into(),
+            );
         }
         if self
             .redis_url
             .iter()
-            .chain(&self.redis_shards)
+            .chain(self.shard_urls())
             .any(|u| u.contains('#'))
         {
             return Err(
@@ -363,6 +401,14 @@ impl fmt::Debug for BrokerConfig {
                 "redis_shards",
                 &self
                     .redis_shards
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "redis_cluster",
+                &self
+                    .redis_cluster
                     .iter()
                     .map(|u| redact_url(u))
                     .collect::<Vec<_>>(),

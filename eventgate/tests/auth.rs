@@ -539,7 +539,7 @@ async fn an_expired_ticket_is_refused(backend: Backend) {
     let late = ticket(&stack, 0, test_token()).await;
     match backend {
         // Redis expires the key itself: wait until it has.
-        Backend::Redis | Backend::Shards => {
+        Backend::Redis | Backend::Shards | Backend::Cluster => {
             let gone = wait_until(SOON, || async {
                 stack.redis_keys("eventgate:*ticket:*").await.is_empty()
             })

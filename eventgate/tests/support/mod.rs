@@ -1,6 +1,7 @@
 //! Shared test support: real Redis servers, real services on ephemeral ports, real clients.
 #![allow(dead_code, unused_imports)]
 
+pub mod cluster;
 pub mod fleet;
 pub mod process;
 pub mod proxy;
@@ -113,6 +114,15 @@ pub enum Backend {
     Redis,
     /// Three independent Redis servers (`REDIS_SHARDS`), one shard each.
     Shards,
+    /// A Redis Cluster of three primaries (`REDIS_CLUSTER`), 16 shards.
+    Cluster,
+}
+
+impl Backend {
+    /// Channels spread over several shards: no order across shards.
+    pub fn sharded(self) -> bool {
+        matches!(self, Backend::Shards | Backend::Cluster)
+    }
 }
 
 /// Settings for a test stack.
@@ -181,6 +191,8 @@ pub struct Stack {
     pub redis: Option<RedisServer>,
     /// The servers of a `Shards` stack.
     pub shard_servers: Vec<RedisServer>,
+    /// The cluster of a `Cluster` stack.
+    pub cluster: Option<cluster::RedisCluster>,
     pub options: Options,
     /// The one broker of a memory stack, shared like in `standalone`.
     memory: Option<Broker>,
@@ -196,7 +208,16 @@ impl Stack {
 
     pub async fn start_with(backend: Backend, mut options: Options) -> Self {
         let mut shard_servers = Vec::new();
+        let mut cluster = None;
         let (redis, memory) = match backend {
+            Backend::Cluster => {
+                let nodes = cluster::RedisCluster::shared().await;
+                options.broker.redis_cluster = nodes.seeds();
+                // The binary's tests share the cluster, each under its own prefix.
+                options.broker.redis_key_prefix = format!("eventgate:{}:", rand::random::<u64>());
+                cluster = Some(nodes);
+                (None, None)
+            }
             Backend::Memory => (None, Some(Broker::memory(&options.broker))),
             Backend::Shards => {
                 for _ in 0..3 {
@@ -220,6 +241,7 @@ impl Stack {
             backend,
             redis,
             shard_servers,
+            cluster,
             memory,
             publisher: Service {
                 url: String::new(),
@@ -395,11 +417,17 @@ impl Stack {
             .expect("stats JSON")
     }
 
-    /// Keys matching `pattern` on every Redis server of the stack.
+    /// Keys matching `pattern` (written for the default `eventgate:` prefix) under this stack's
+    /// prefix, on every Redis of the stack.
     pub async fn redis_keys(&self, pattern: &str) -> Vec<String> {
+        let pattern = match pattern.strip_prefix("eventgate:") {
+            Some(rest) => format!("{}{rest}", self.options.broker.redis_key_prefix),
+            None => pattern.to_owned(),
+        };
         let mut keys = Vec::new();
-        for server in self.redis.iter().chain(&self.shard_servers) {
-            keys.extend(server.query::<Vec<String>>(&["KEYS", pattern]).await);
+        let nodes = self.cluster.iter().flat_map(|c| &c.nodes);
+        for server in self.redis.iter().chain(&self.shard_servers).chain(nodes) {
+            keys.extend(server.query::<Vec<String>>(&["KEYS", &pattern]).await);
         }
         keys
     }
@@ -417,7 +445,7 @@ pub fn assert_delivered(
     expected: &[(String, u64)],
     what: &str,
 ) {
-    if backend != Backend::Shards {
+    if !backend.sharded() {
         assert_eq!(got, expected, "{what}");
         return;
     }
@@ -447,8 +475,8 @@ pub fn published(json: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Declares one async test per backend: `name::memory`, `name::redis` (one Redis) and
-/// `name::shards` (three independent Redis servers).
+/// Declares one async test per backend: `name::memory`, `name::redis` (one Redis),
+/// `name::shards` (three independent Redis servers) and `name::cluster` (a Redis Cluster).
 #[macro_export]
 macro_rules! on_both_brokers {
     ($($name:ident),* $(,)?) => {
@@ -465,6 +493,10 @@ macro_rules! on_both_brokers {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn shards() {
                     super::$name($crate::support::Backend::Shards).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    super::$name($crate::support::Backend::Cluster).await
                 }
             }
         )*

@@ -16,6 +16,8 @@ pub struct RedisServer {
     extra: Vec<String>,
     /// Speaks TLS only (`rediss://`); the test's own connections present these.
     tls: Option<redis::TlsCertificates>,
+    /// Outlives this process (a shared cluster node): its own process group, not killed on drop.
+    detached: bool,
     child: Option<Child>,
 }
 
@@ -30,6 +32,19 @@ pub(super) fn redis_binary() -> PathBuf {
         "redis-server not found: the test suite needs it (Debian: apt-get install redis-server); \
          run the suite with .ci/run, which installs it"
     );
+}
+
+fn cluster_node_args() -> Vec<String> {
+    [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+        "--cluster-node-timeout",
+        "2000",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 pub fn free_port() -> u16 {
@@ -66,6 +81,41 @@ impl RedisServer {
         Self::launch(persistent, None, extra, Some(certs.client_certificates())).await
     }
 
+    /// A Redis Cluster node on `port` (its bus port +10000 must be free), not yet joined.
+    pub async fn start_cluster_node(port: u16) -> Self {
+        let mut server =
+            Self::start_cluster_node_unspawned(port, tempfile::tempdir().expect("temp dir"));
+        assert!(server.spawn().await, "cluster node on {port}");
+        server
+    }
+
+    /// A cluster node like [`Self::start_cluster_node`] in `dir`, that keeps running after this
+    /// process exits (whoever started it stops it); `None` if it did not come up.
+    pub async fn start_detached_cluster_node(port: u16, dir: tempfile::TempDir) -> Option<Self> {
+        let mut server = Self::start_cluster_node_unspawned(port, dir);
+        server.detached = true;
+        server.spawn().await.then_some(server)
+    }
+
+    fn start_cluster_node_unspawned(port: u16, dir: tempfile::TempDir) -> Self {
+        Self {
+            port,
+            dir,
+            persistent: false,
+            password: None,
+            extra: cluster_node_args(),
+            tls: None,
+            detached: false,
+            child: None,
+        }
+    }
+
+    /// A handle on a Redis some other process runs on `port`: queries only; dropping it does
+    /// nothing to the server.
+    pub fn attach(port: u16) -> Self {
+        Self::start_cluster_node_unspawned(port, tempfile::tempdir().expect("temp dir"))
+    }
+
     /// A replica of the Redis on `port`, without persistence.
     pub async fn start_replica_of(port: u16) -> Self {
         let extra = vec!["--replicaof".into(), "127.0.0.1".into(), port.to_string()];
@@ -96,6 +146,7 @@ impl RedisServer {
                 password: password.clone(),
                 extra: extra.clone(),
                 tls: tls.clone(),
+                detached: false,
                 child: None,
             };
             if server.spawn().await {
@@ -127,12 +178,12 @@ impl RedisServer {
             cmd.args(["--appendonly", "no"]);
         }
         cmd.args(&self.extra);
-        let Ok(child) = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-        else {
+        if self.detached {
+            cmd.process_group(0);
+        } else {
+            cmd.kill_on_drop(true);
+        }
+        let Ok(child) = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn() else {
             return false;
         };
         self.child = Some(child);
@@ -218,6 +269,23 @@ impl RedisServer {
             .get_multiplexed_async_connection()
             .await
             .expect("connect to test redis")
+    }
+
+    /// Like [`Self::query`], `None` when the server does not answer.
+    pub async fn try_query<T: redis::FromRedisValue>(&self, args: &[&str]) -> Option<T> {
+        let client = self.client()?;
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query_async(&mut conn).await.ok()
     }
 
     /// Runs one command.

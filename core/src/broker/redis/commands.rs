@@ -161,12 +161,12 @@ impl Commands {
             let wait = REFRESH_INTERVAL.saturating_sub(at.elapsed());
             tokio::time::sleep(wait).await;
         }
-        let found = self.source.primary(self.timeout).await;
+        let found = self.source.locate(self.timeout, true).await;
         *last = Some(Instant::now());
         let client = match found {
             Ok(client) => client,
             Err(e) => {
-                tracing::warn!(error = %e, "asking the Sentinels for the primary failed");
+                tracing::warn!(error = %e, "finding the primary failed");
                 return;
             }
         };
@@ -221,7 +221,14 @@ fn primary_may_have_moved(error: &RedisError) -> bool {
         || error.is_io_error()
         || matches!(
             error.kind(),
-            ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown)
+            ErrorKind::Server(
+                ServerErrorKind::ReadOnly
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+            )
         )
 }
 

@@ -81,7 +81,13 @@ struct Call {
 }
 
 impl Committer {
-    pub(super) fn start(commands: Arc<Commands>, keys: Keys, config: BrokerConfig) -> Self {
+    /// `sharded`: on a Redis Cluster (`SPUBLISH`).
+    pub(super) fn start(
+        commands: Arc<Commands>,
+        keys: Keys,
+        config: BrokerConfig,
+        sharded: bool,
+    ) -> Self {
         let queue = Arc::new(Queue {
             pending: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
@@ -89,7 +95,7 @@ impl Committer {
         let concurrency = commands.size();
         let call = Arc::new(Call {
             commands,
-            script: super::script!("publish.lua"),
+            script: super::sharded(super::script!("publish.lua"), sharded),
             keys,
             config,
         });

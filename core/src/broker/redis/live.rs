@@ -91,41 +91,41 @@ pub struct RedisLiveStream {
     marker: String,
 }
 
-impl RedisLiveStream {
-    fn decode(&self, msg: &redis::Msg) -> LiveMessage {
-        let name = msg.get_channel_name();
-        let payload = msg.get_payload_bytes();
-        if name == self.marker {
-            // "counter epoch" (marker.lua).
-            let position = std::str::from_utf8(payload)
-                .ok()
-                .and_then(|s| s.split_once(' '))
-                .and_then(|(seq, epoch)| Some((seq.parse().ok()?, epoch.parse().ok()?)));
-            return match position {
-                Some((seq, epoch)) => LiveMessage::Marker(Position { epoch, seq }),
-                None => LiveMessage::Malformed(format!("marker payload {payload:?}")),
-            };
-        }
-        let Some(channel) = name
-            .strip_prefix(self.live_prefix.as_str())
-            .and_then(|c| Channel::parse(c).ok())
-        else {
-            return LiveMessage::Malformed(format!("message on unexpected channel {name:?}"));
-        };
-        let Some(space) = payload.iter().position(|&b| b == b' ') else {
-            return LiveMessage::Malformed(format!("message on {name:?} without a seq"));
-        };
-        let seq = std::str::from_utf8(&payload[..space])
+/// A live message: an event on `{live_prefix}{channel}` (`"<seq> <body>"`), or a marker on
+/// `marker` (`"<counter> <epoch>"`).
+pub(super) fn decode(msg: &redis::Msg, live_prefix: &str, marker: &str) -> LiveMessage {
+    let name = msg.get_channel_name();
+    let payload = msg.get_payload_bytes();
+    if name == marker {
+        // "counter epoch" (marker.lua).
+        let position = std::str::from_utf8(payload)
             .ok()
-            .and_then(|s| s.parse().ok());
-        match seq {
-            Some(seq) => LiveMessage::Event(Event {
-                seq,
-                channel,
-                body: Bytes::copy_from_slice(&payload[space + 1..]),
-            }),
-            None => LiveMessage::Malformed(format!("message on {name:?} with a bad seq")),
-        }
+            .and_then(|s| s.split_once(' '))
+            .and_then(|(seq, epoch)| Some((seq.parse().ok()?, epoch.parse().ok()?)));
+        return match position {
+            Some((seq, epoch)) => LiveMessage::Marker(Position { epoch, seq }),
+            None => LiveMessage::Malformed(format!("marker payload {payload:?}")),
+        };
+    }
+    let Some(channel) = name
+        .strip_prefix(live_prefix)
+        .and_then(|c| Channel::parse(c).ok())
+    else {
+        return LiveMessage::Malformed(format!("message on unexpected channel {name:?}"));
+    };
+    let Some(space) = payload.iter().position(|&b| b == b' ') else {
+        return LiveMessage::Malformed(format!("message on {name:?} without a seq"));
+    };
+    let seq = std::str::from_utf8(&payload[..space])
+        .ok()
+        .and_then(|s| s.parse().ok());
+    match seq {
+        Some(seq) => LiveMessage::Event(Event {
+            seq,
+            channel,
+            body: Bytes::copy_from_slice(&payload[space + 1..]),
+        }),
+        None => LiveMessage::Malformed(format!("message on {name:?} with a bad seq")),
     }
 }
 
@@ -135,6 +135,6 @@ impl Stream for RedisLiveStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<LiveMessage>> {
         Pin::new(&mut self.inner)
             .poll_next(cx)
-            .map(|msg| msg.map(|msg| self.decode(&msg)))
+            .map(|msg| msg.map(|msg| decode(&msg, &self.live_prefix, &self.marker)))
     }
 }

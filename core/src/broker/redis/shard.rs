@@ -86,6 +86,30 @@ impl Keys {
     }
 }
 
+/// Records the deployment's shard count (`{prefix}shards`, untagged: the key must not depend
+/// on the count) unless one is recorded; answers the one recorded before.
+pub(super) fn shard_count_command(prefix: &str, count: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(format!("{prefix}shards"))
+        .arg(count)
+        .arg("NX")
+        .arg("GET");
+    cmd
+}
+
+/// Refuses data written with another shard count: its channels are on other shards.
+pub(super) fn judge_shard_count(recorded: Option<String>, count: usize) -> Result<(), BrokerError> {
+    match recorded {
+        Some(recorded) if recorded != count.to_string() => Err(BrokerError::Config(format!(
+            "this deployment has {count} shard(s) (REDIS_SHARD_COUNT, REDIS_SHARDS or \
+             REDIS_CLUSTER) but the data in Redis was written with {recorded}: every service \
+             must use the same count, and changing it is a migration (see the README, Scaling \
+             past one Redis)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The read scripts, shared by every shard.
 pub(super) struct Scripts {
     pub(super) position: Script,
@@ -94,11 +118,12 @@ pub(super) struct Scripts {
 }
 
 impl Scripts {
-    pub(super) fn new() -> Self {
+    /// `sharded`: on a Redis Cluster, where live messages go with `SPUBLISH`.
+    pub(super) fn new(sharded: bool) -> Self {
         Self {
-            position: super::script!("position.lua"),
-            history: super::script!("history.lua"),
-            marker: super::script!("marker.lua"),
+            position: redis::Script::new(super::script!("position.lua")),
+            history: redis::Script::new(super::script!("history.lua")),
+            marker: super::sharded(super::script!("marker.lua"), sharded),
         }
     }
 }
@@ -137,31 +162,15 @@ impl RedisShard {
     /// Records the deployment's shard count on this server, or checks it against the one
     /// recorded: data written with another count has its channels on other shards.
     pub(super) async fn check_shard_count(&self, count: usize) -> Result<(), BrokerError> {
-        let key = format!("{}shards", self.config.redis_key_prefix);
+        let cmd = shard_count_command(&self.config.redis_key_prefix, count);
         let recorded: Option<String> = self
             .commands
             .with_conn(true, |mut c| {
-                let key = &key;
-                async move {
-                    redis::cmd("SET")
-                        .arg(key)
-                        .arg(count)
-                        .arg("NX")
-                        .arg("GET")
-                        .query_async(&mut c)
-                        .await
-                }
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut c).await }
             })
             .await?;
-        match recorded {
-            Some(recorded) if recorded != count.to_string() => Err(BrokerError::Config(format!(
-                "this deployment has {count} shard(s) (REDIS_SHARD_COUNT and REDIS_SHARDS) but \
-                 the data in Redis was written with {recorded}: every service must use the \
-                 same count, and changing it is a migration (see the README, Scaling past one \
-                 Redis)"
-            ))),
-            _ => Ok(()),
-        }
+        judge_shard_count(recorded, count)
     }
 
     pub(super) async fn check_version(&self) -> Result<(), BrokerError> {

@@ -14,6 +14,11 @@ use crate::{BrokerConfig, BrokerError};
 /// The primary's address source.
 pub(crate) enum Source {
     Url(redis::Client),
+    /// The primary that serves a slot of a Redis Cluster.
+    ClusterSlot {
+        map: std::sync::Arc<super::cluster::ClusterMap>,
+        slot: u16,
+    },
     /// The redis crate's Sentinel client: it asks the Sentinels in turn for the master and
     /// checks with `ROLE` that the server it names really is one.
     Sentinel {
@@ -48,24 +53,33 @@ pub(crate) fn sources(config: &BrokerConfig) -> Result<Vec<Source>, BrokerError>
     Ok(vec![Source::sentinel(config, certificates)?])
 }
 
+/// A client of the server at `url`, with the configured TLS.
+pub(crate) fn client(
+    url: &str,
+    certificates: Option<redis::TlsCertificates>,
+    config: &BrokerConfig,
+) -> Result<redis::Client, BrokerError> {
+    let info = url.into_connection_info()?;
+    let client = match certificates {
+        Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
+        None => redis::Client::open(info)?,
+    };
+    if !config.redis_tls_skip_hostname_check {
+        return Ok(client);
+    }
+    let info = client.get_connection_info().clone();
+    let mut addr = info.addr().clone();
+    addr.set_danger_accept_invalid_hostnames(true);
+    Ok(redis::Client::open(info.set_addr(addr))?)
+}
+
 impl Source {
     fn url(
         url: &str,
         certificates: Option<redis::TlsCertificates>,
         config: &BrokerConfig,
     ) -> Result<Self, BrokerError> {
-        let info = url.into_connection_info()?;
-        let client = match certificates {
-            Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
-            None => redis::Client::open(info)?,
-        };
-        if !config.redis_tls_skip_hostname_check {
-            return Ok(Self::Url(client));
-        }
-        let info = client.get_connection_info().clone();
-        let mut addr = info.addr().clone();
-        addr.set_danger_accept_invalid_hostnames(true);
-        Ok(Self::Url(redis::Client::open(info.set_addr(addr))?))
+        Ok(Self::Url(client(url, certificates, config)?))
     }
 
     fn sentinel(
@@ -120,15 +134,30 @@ impl Source {
         })
     }
 
-    /// Whether the primary can move (Sentinel), so failing connections are worth re-resolving.
+    /// Whether the primary can move (Sentinel, Cluster), so failing connections are worth
+    /// re-resolving.
     pub(crate) fn follows_failovers(&self) -> bool {
-        matches!(self, Self::Sentinel { .. })
+        matches!(self, Self::Sentinel { .. } | Self::ClusterSlot { .. })
+    }
+
+    /// A client for the current primary; with Sentinels, asks them (within `timeout`); on a
+    /// Cluster, reads the slot map again when `fresh`.
+    pub(crate) async fn locate(
+        &self,
+        timeout: Duration,
+        fresh: bool,
+    ) -> Result<redis::Client, BrokerError> {
+        match self {
+            Self::ClusterSlot { map, slot } => map.primary(*slot, fresh, timeout).await,
+            _ => self.primary(timeout).await,
+        }
     }
 
     /// A client for the current primary; with Sentinels, asks them (within `timeout`).
     pub(crate) async fn primary(&self, timeout: Duration) -> Result<redis::Client, BrokerError> {
         match self {
             Self::Url(client) => Ok(client.clone()),
+            Self::ClusterSlot { map, slot } => map.primary(*slot, false, timeout).await,
             Self::Sentinel { client, master } => {
                 let ask = async { client.lock().await.async_get_client().await };
                 match tokio::time::timeout(timeout, ask).await {

@@ -1,0 +1,192 @@
+//! A real Redis Cluster: `redis-server --cluster-enabled yes` nodes on free ports (their bus
+//! ports, +10000, free too), joined with `redis-cli --cluster create`.
+
+use std::{os::unix::process::CommandExt, path::PathBuf, process::Stdio, time::Duration};
+
+use super::{RedisServer, redis::free_port, wait_until};
+
+/// The nodes; killed when dropped.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+/// A port whose cluster bus port (+10000) is free as well.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// `primaries` primaries with `replicas` replicas each, `cluster_state:ok` on every node;
+    /// killed when dropped. For tests that stop, fail over or reshard nodes.
+    pub async fn start(primaries: usize, replicas: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..primaries * (1 + replicas) {
+            nodes.push(RedisServer::start_cluster_node(free_cluster_port()).await);
+        }
+        Self::join(nodes, replicas).await
+    }
+
+    /// The three-primary cluster this test binary shares with its other tests in this run
+    /// (each stack keeps to its own key prefix). Nextest runs each test in its own process, so
+    /// the first test to ask starts the nodes in their own process group and records their
+    /// ports under a file lock; a watchdog stops them once the test runner has exited.
+    pub async fn shared() -> Self {
+        let state = shared_state_dir();
+        std::fs::create_dir_all(&state).expect("shared cluster directory");
+        let lock = std::fs::File::create(state.join("lock")).expect("lock file");
+        let lock = tokio::task::spawn_blocking(move || lock.lock().map(|()| lock))
+            .await
+            .expect("lock task")
+            .expect("lock the shared cluster");
+        let ports_file = state.join("ports");
+        if let Ok(text) = std::fs::read_to_string(&ports_file) {
+            let nodes: Vec<RedisServer> = text
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .map(RedisServer::attach)
+                .collect();
+            let cluster = Self { nodes };
+            if !cluster.nodes.is_empty() && cluster.is_ok().await {
+                drop(lock);
+                return cluster;
+            }
+        }
+        let mut nodes = Vec::new();
+        while nodes.len() < 3 {
+            let dir = tempfile::Builder::new()
+                .disable_cleanup(true)
+                .tempdir_in(&state)
+                .expect("node directory");
+            if let Some(node) =
+                RedisServer::start_detached_cluster_node(free_cluster_port(), dir).await
+            {
+                nodes.push(node);
+            }
+        }
+        let pids: Vec<String> = nodes
+            .iter()
+            .filter_map(|n| n.pid())
+            .map(|p| p.to_string())
+            .collect();
+        // The watchdog: once the runner is gone, stop the nodes and remove their files. It
+        // outlives this process (init reaps it), so it is not waited for.
+        #[allow(clippy::zombie_processes)]
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(
+                "owner=$1; dir=$2; shift 2; \
+                 while kill -0 \"$owner\" 2>/dev/null; do sleep 1; done; \
+                 kill -9 \"$@\" 2>/dev/null; rm -rf \"$dir\"",
+            )
+            .arg("watchdog")
+            .arg(owner_pid().to_string())
+            .arg(&state)
+            .args(&pids)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start the shared cluster's watchdog");
+        let cluster = Self::join(nodes, 0).await;
+        let ports: Vec<String> = cluster.nodes.iter().map(|n| n.port.to_string()).collect();
+        std::fs::write(&ports_file, ports.join(" ")).expect("record the shared cluster");
+        drop(lock);
+        cluster
+    }
+
+    async fn join(nodes: Vec<RedisServer>, replicas: usize) -> Self {
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let created = tokio::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("redis-cli (scripts/test installs redis-tools)");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        let cluster = Self { nodes };
+        let ok = wait_until(Duration::from_secs(30), || cluster.is_ok()).await;
+        assert!(ok, "the cluster never reached cluster_state:ok");
+        cluster
+    }
+
+    /// Every node answers and reports `cluster_state:ok`.
+    async fn is_ok(&self) -> bool {
+        for node in &self.nodes {
+            let Some(info) = node.try_query::<String>(&["CLUSTER", "INFO"]).await else {
+                return false;
+            };
+            if !info.contains("cluster_state:ok") {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `REDIS_CLUSTER` for the services: every node as a seed.
+    pub fn seeds(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// The node serving `slot` now.
+    pub async fn primary_of(&self, slot: u16) -> &RedisServer {
+        let slots: Vec<redis::Value> = self.nodes[0].query(&["CLUSTER", "SLOTS"]).await;
+        for range in slots {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(redis::Value::Int(first)), Some(redis::Value::Int(last))) =
+                (fields.first(), fields.get(1))
+            else {
+                continue;
+            };
+            if (*first..=*last).contains(&i64::from(slot))
+                && let Some(redis::Value::Array(primary)) = fields.get(2)
+                && let Some(redis::Value::Int(port)) = primary.get(1)
+            {
+                return self
+                    .nodes
+                    .iter()
+                    .find(|n| i64::from(n.port) == *port)
+                    .expect("one of ours");
+            }
+        }
+        panic!("nobody serves slot {slot}");
+    }
+}
+
+/// Who the shared cluster lives as long as: the test runner (nextest runs one process per test,
+/// its parent), or this process when every test runs in it (`cargo test`).
+fn owner_pid() -> u32 {
+    if std::env::var_os("NEXTEST_RUN_ID").is_some() {
+        std::os::unix::process::parent_id()
+    } else {
+        std::process::id()
+    }
+}
+
+/// One directory per runner and test binary.
+fn shared_state_dir() -> PathBuf {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "tests".into());
+    std::env::temp_dir()
+        .join("eventgate-test-clusters")
+        .join(format!("{}-{binary}", owner_pid()))
+}
