@@ -1,12 +1,21 @@
 //! eventgate on a real Redis Cluster (`REDIS_CLUSTER`): shards in slots, commands on the node
-//! that serves each, live messages over sharded pub/sub.
+//! that serves each, live messages over sharded pub/sub; through a `CLUSTER FAILOVER`, a
+//! `kill -9` of a primary and a slot migration under load, every acknowledged event reaches
+//! every client exactly once, in order, or the client is told with a `reset`. The failover
+//! tests print their counts.
 
 mod support;
 
-use std::time::Instant;
+use std::{net::SocketAddr, time::Duration};
 
 use serde_json::json;
-use support::*;
+use support::{
+    cluster::RedisCluster,
+    fleet::{Publishing, clients, settle},
+    process::Service,
+    *,
+};
+use tokio::{sync::watch, time::Instant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_flow_and_resume_over_a_cluster() {
@@ -47,4 +56,101 @@ async fn events_flow_and_resume_over_a_cluster() {
         .map(|e| (e.channel().to_owned(), e.id))
         .collect();
     assert_delivered(Backend::Cluster, &got, &missed, "resumed from one id");
+}
+
+/// The slot of channel `channel`'s shard among the services' default 16.
+fn slot_of(channel: &str) -> u16 {
+    let shards = eventgate_core::Shards::new(16);
+    let shard = shards.shard_of(&eventgate_core::Channel::parse(channel).expect("channel"));
+    eventgate_core::broker::shards::key_slot(shards.tag(shard).as_bytes())
+}
+
+const SSE_CLIENTS: u32 = 200;
+const WS_CLIENTS: u32 = 100;
+const RATE: u64 = 100;
+
+/// A publisher and two gateways as processes on `cluster`.
+async fn services(cluster: &RedisCluster) -> (Service, Vec<Service>) {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let env = vec![
+        ("REDIS_CLUSTER", cluster.seeds().join(",")),
+        ("HEARTBEAT_INTERVAL", "2s".into()),
+        ("REDIS_TIMEOUT", "2s".into()),
+    ];
+    let publisher = Service::start("publisher", "PUBLISHER_ADDR", &env).await;
+    let mut gateways = Vec::new();
+    for i in 0..2 {
+        let mut env = env.clone();
+        env.push(("REPLICA_ID", format!("replica-{i}")));
+        gateways.push(Service::start("gateway", "GATEWAY_ADDR", &env).await);
+    }
+    (publisher, gateways)
+}
+
+/// Clients of channel `f` and a publisher writing `RATE` events/s with idempotency keys while
+/// `fault` fails over the primary serving `f`'s shard (it returns once a replica has taken
+/// over): every acknowledged event reaches every client once, in order, or within a `reset`.
+async fn run_failover<F, Fut>(name: &str, fault: F)
+where
+    F: FnOnce(RedisCluster, u16) -> Fut,
+    Fut: std::future::Future<Output = RedisCluster>,
+{
+    let cluster = RedisCluster::start(3, 1).await;
+    let (publisher, gateways) = services(&cluster).await;
+    let addrs: Vec<SocketAddr> = gateways
+        .iter()
+        .map(|g| g.addr.parse().expect("addr"))
+        .collect();
+    let (last_tx, last) = watch::channel(None);
+    let clients = clients(&addrs, "f", SSE_CLIENTS, WS_CLIENTS, &last).await;
+    let publishing = Publishing::start(&publisher.url, "f", RATE);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fault_started = Instant::now();
+    let cluster = fault(cluster, slot_of("f")).await;
+    let failed_over = fault_started.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gap = publishing.longest_gap_since(fault_started);
+    let acked = publishing.stop().await;
+    last_tx.send(acked.last().copied()).expect("clients listen");
+    let extra =
+        format!("; failover took {failed_over:.1?}, publishing stopped for at most {gap:.1?}");
+    settle(name, clients, &acked, &extra).await;
+    drop((publisher, gateways, cluster));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_failover_is_followed_and_loses_nothing_silently() {
+    run_failover("CLUSTER FAILOVER", |cluster, slot| async move {
+        let (old, replicas) = cluster.serving(slot).await;
+        let new = replicas[0];
+        let answer: String = cluster.node(new).query(&["CLUSTER", "FAILOVER"]).await;
+        assert_eq!(answer, "OK");
+        assert!(
+            cluster
+                .wait_primary_is(slot, new, Duration::from_secs(30))
+                .await,
+            "the replica never took over from {old}"
+        );
+        cluster
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_cluster_primary_is_replaced_and_nothing_is_lost_silently() {
+    run_failover(
+        "kill -9 of a cluster primary",
+        |mut cluster, slot| async move {
+            let (old, replicas) = cluster.serving(slot).await;
+            cluster.node_mut(old).kill().await;
+            assert!(
+                cluster
+                    .wait_primary_is(slot, replicas[0], Duration::from_secs(30))
+                    .await,
+                "the cluster never promoted the replica"
+            );
+            cluster
+        },
+    )
+    .await;
 }

@@ -169,8 +169,16 @@ async fn nginx_in_front_of_two_replicas_streams_limits_and_fails_over() {
         let url = format!("{}/v1/events?channel=fo", deployment.nginx.url);
         clients.spawn(follow_sse(client_from(loopback(20 + i)), url, EVENTS));
     }
+    let (subscribed, mut subscriptions) = tokio::sync::mpsc::unbounded_channel();
     for i in 0..4u8 {
-        clients.spawn(follow_ws(loopback(40 + i), ws_url.clone(), EVENTS));
+        let ready = subscribed.clone();
+        clients.spawn(follow_ws(loopback(40 + i), ws_url.clone(), EVENTS, ready));
+    }
+    for _ in 0..4 {
+        // A WebSocket client's channel starts at its `subscribed` reply, not at its connect.
+        tokio::time::timeout(SOON, subscriptions.recv())
+            .await
+            .expect("every WebSocket client subscribed");
     }
     let both_busy = wait_until(SOON, || async {
         let (a, b) = (
@@ -230,7 +238,12 @@ async fn follow_sse(http: reqwest::Client, url: String, want: usize) -> (Vec<u64
 }
 
 /// A WebSocket client that reconnects through nginx and resubscribes with `since`.
-async fn follow_ws(source: IpAddr, url: String, want: usize) -> (Vec<u64>, usize) {
+async fn follow_ws(
+    source: IpAddr,
+    url: String,
+    want: usize,
+    subscribed: tokio::sync::mpsc::UnboundedSender<()>,
+) -> (Vec<u64>, usize) {
     let (mut ids, mut connects, mut since) = (Vec::new(), 0, None::<String>);
     while ids.len() < want {
         connects += 1;
@@ -257,6 +270,7 @@ async fn follow_ws(source: IpAddr, url: String, want: usize) -> (Vec<u64>, usize
                     // A first subscribe starts now: resume from the replica's position.
                     if since.is_none() {
                         since = message["position"].as_str().map(str::to_owned);
+                        let _ = subscribed.send(());
                     }
                 }
                 Ok(_) => {}

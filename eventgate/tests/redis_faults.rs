@@ -406,13 +406,16 @@ async fn a_redis_restored_from_an_old_snapshot_never_reuses_ids_and_resets_clien
         "{} then {after:?}",
         reset.id
     );
+    let connected_reset = reset.id;
     assert_eq!(
         ids_of(&mut connected, 7).await,
         after,
         "then exactly the new events"
     );
 
-    // Clients that were away resume from before and from inside the lost range.
+    // Clients that were away resume from before and from inside the lost range: a reset at the
+    // new epoch's start, then every event of the new epoch.
+    let mut epoch_events = after.clone();
     for cursor in [saved, x] {
         let mut back = stack
             .subscribe_at(0, "channel=c", Some(&cursor.to_string()))
@@ -426,8 +429,14 @@ async fn a_redis_restored_from_an_old_snapshot_never_reuses_ids_and_resets_clien
             ),
             "a cursor from before the loss ({cursor})"
         );
+        assert_eq!(
+            back.last_id,
+            Some(connected_reset.to_string()),
+            "the stream continues from the new epoch's start, as the connected client's did"
+        );
         let next = stack.publish_one("c", json!("next")).await;
-        assert_eq!(ids_of(&mut back, 1).await, [next]);
+        epoch_events.push(next);
+        assert_eq!(ids_of(&mut back, epoch_events.len()).await, epoch_events);
         assert_eq!(ids_of(&mut connected, 1).await, [next]);
     }
 }

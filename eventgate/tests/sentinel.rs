@@ -11,7 +11,7 @@ use std::{net::SocketAddr, time::Duration};
 use reqwest::StatusCode;
 use serde_json::json;
 use support::{
-    fleet::{Outcome, Publishing, Started, source, sse_client, ws_client},
+    fleet::{Outcome, Publishing, clients, settle},
     process::Service,
     sentinel::Sentinels,
     *,
@@ -62,28 +62,17 @@ impl Setup {
             .expect("addr")
     }
 
-    /// `sse` SSE and `ws` WebSocket clients of channel `f`, spread over the gateways, each its
-    /// own user and address; returns once all are connected.
+    /// `sse` SSE and `ws` WebSocket clients of channel `f`, spread over the gateways.
     async fn clients(
         &self,
         sse: u32,
         ws: u32,
         last: &watch::Receiver<Option<u64>>,
     ) -> JoinSet<Outcome> {
-        let (mut clients, started) = (JoinSet::new(), Started::default());
-        for i in 0..sse {
-            let (addr, user) = (self.gateway_addr(i as usize), format!("sse-{i}"));
-            let (last, started) = (last.clone(), started.clone());
-            clients.spawn(sse_client(user, source(i), addr, "f", last, started));
-        }
-        for i in 0..ws {
-            let (addr, user) = (self.gateway_addr(i as usize), format!("ws-{i}"));
-            let (last, started) = (last.clone(), started.clone());
-            clients.spawn(ws_client(user, source(sse + i), addr, "f", last, started));
-        }
-        let all = started.wait_for(sse + ws, Duration::from_secs(60)).await;
-        assert!(all, "{} of {} clients started", started.count(), sse + ws);
-        clients
+        let gateways: Vec<SocketAddr> = (0..self.gateways.len())
+            .map(|i| self.gateway_addr(i))
+            .collect();
+        clients(&gateways, "f", sse, ws, last).await
     }
 
     /// Publishes one event, retrying until it is accepted; returns its id.
@@ -106,42 +95,6 @@ impl Setup {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-/// Waits for every client to reach the last acknowledged event; checks and prints the counts.
-async fn settle(name: &str, mut clients: JoinSet<Outcome>, acked: &[u64], extra: &str) {
-    let mut outcomes = Vec::new();
-    let all = tokio::time::timeout(Duration::from_secs(90), async {
-        while let Some(outcome) = clients.join_next().await {
-            outcomes.push(outcome.expect("client task"));
-        }
-    })
-    .await;
-    assert!(
-        all.is_ok(),
-        "{name}: {} clients caught up in 90 s",
-        outcomes.len()
-    );
-    assert!(
-        acked.windows(2).all(|w| w[0] < w[1]),
-        "{name}: an id was handed out twice"
-    );
-    let (mut delivered, mut reset, mut lost, mut duplicated, mut disordered) = (0, 0, 0, 0, 0);
-    for outcome in &outcomes {
-        delivered += outcome.ids.iter().filter(|id| acked.contains(id)).count();
-        reset += usize::from(!outcome.resets.is_empty());
-        lost += outcome.lost(acked);
-        duplicated += outcome.duplicated();
-        disordered += usize::from(!outcome.in_order());
-    }
-    println!(
-        "{name}: acknowledged {} events; {} clients; delivered {delivered} of {}; \
-         {reset} clients reset; lost {lost}, duplicated {duplicated}, out of order {disordered}{extra}",
-        acked.len(),
-        outcomes.len(),
-        acked.len() * outcomes.len(),
-    );
-    assert_eq!((lost, duplicated, disordered), (0, 0, 0), "{name}");
 }
 
 /// Clients and a publisher writing `RATE` events/s around `fault`, which returns once the new

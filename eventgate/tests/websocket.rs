@@ -164,8 +164,11 @@ async fn trimmed_history_sends_reset(backend: Backend) {
     let reset = other.next_json(SOON).await.expect("reset");
     assert_eq!(
         reset,
-        json!({"type": "reset", "channels": ["orders"], "reason": "unknown_position"})
+        json!({"type": "reset", "channels": ["orders"], "reason": "unknown_position",
+               "position": live.to_string()})
     );
+    let next = stack.publish_one("orders", json!("next")).await;
+    assert_eq!(event_id(&other.expect_events(1).await[0]), next);
 }
 
 async fn ping_pong_and_id_echo(backend: Backend) {

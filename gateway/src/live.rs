@@ -282,9 +282,17 @@ impl LiveTask {
         let position = self.broker.position(self.shard).await?;
         match self.watermark {
             Some(seen) if seen.epoch != position.epoch || position.seq < seen.seq => {
+                // What the old epoch handed out past `seen` may be lost; the new epoch's events
+                // are all there: reset to its start and replay them.
+                let from = if seen.epoch == position.epoch {
+                    position.seq
+                } else {
+                    position.epoch.min(position.seq)
+                };
                 tracing::warn!(
                     shard = self.shard,
                     seen = seen.seq,
+                    epoch = position.epoch,
                     now = position.seq,
                     "the broker may have lost data; resetting the shard's clients"
                 );
@@ -292,9 +300,13 @@ impl LiveTask {
                     channels: None,
                     shard: Some((self.broker.shards().clone(), self.shard)),
                     reason: GapReason::DataLost,
-                    position: Some(position.seq),
+                    position: Some(from),
                 })));
                 Stats::add(&self.stats.resets_sent, 1);
+                if from < position.seq {
+                    self.backfill(channels.iter().cloned(), from, position)
+                        .await?;
+                }
             }
             Some(seen) if seen.seq < position.seq => {
                 self.backfill(channels.iter().cloned(), seen.seq, position)

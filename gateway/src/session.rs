@@ -73,11 +73,15 @@ pub enum Start {
     /// The cursor is not a position of this broker: reset the channels, start fresh.
     Unknown,
     /// Replay history after the cursor; `first` is the replay's first item, read before
-    /// anything is sent so a broker failure is still a clean error.
+    /// anything is sent so a broker failure is still a clean error. `reset`: the client's
+    /// cursor is from before the counter's epoch (Redis lost data or failed over since), so
+    /// the channels are reset and `cursor` is the epoch's start: what the old epoch may have
+    /// lost is skipped, everything the new one holds is replayed.
     Resume {
         cursor: u64,
         replay: Box<Replay>,
         first: Option<ReplayItem>,
+        reset: bool,
     },
 }
 
@@ -209,11 +213,15 @@ impl GatewayState {
         let start = match from {
             StartFrom::Fresh => Start::Fresh,
             StartFrom::Unknown => Start::Unknown,
-            // Ahead of the counter, or from before the counter's epoch began (a Redis that lost
-            // its data or failed over, another deployment): nothing can be said about what it
-            // missed.
-            StartFrom::Cursor(cursor) if cursor > now.seq || cursor < now.epoch => Start::Unknown,
+            // Ahead of the counter (another deployment, a Redis that lost data and has not
+            // caught up): nothing can be said about what it missed.
+            StartFrom::Cursor(cursor) if cursor > now.seq => Start::Unknown,
             StartFrom::Cursor(cursor) => {
+                // From before the counter's epoch began (a Redis that lost data or failed over,
+                // another deployment): what it missed of the old epoch is unknown, but the new
+                // epoch's events are all there.
+                let reset = cursor < now.epoch;
+                let cursor = cursor.max(now.epoch);
                 // The rest of the replay is read as the client takes it; this covers its start.
                 let span = tracing::debug_span!("replay", shard, channels = channels.len(), cursor);
                 let mut replay = Replay::new(
@@ -230,6 +238,7 @@ impl GatewayState {
                     cursor,
                     replay: Box::new(replay),
                     first,
+                    reset,
                 }
             }
         };

@@ -408,7 +408,11 @@ impl SseBody {
                     cursor,
                     replay,
                     first,
+                    reset,
                 } => {
+                    if reset {
+                        unknown.extend(part.channels);
+                    }
                     replays.push_back((replay, first));
                     cursor
                 }

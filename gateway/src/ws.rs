@@ -493,15 +493,29 @@ impl WsConnection {
             Start::Unknown => {
                 self.floors.insert(channel.clone(), position);
                 Stats::add(&self.state.stats.resets_sent, 1);
-                self.send(reset_message(&[channel], GapReason::UnknownPosition))
-                    .await?;
+                self.send(reset_message(
+                    &[channel],
+                    GapReason::UnknownPosition,
+                    position,
+                ))
+                .await?;
             }
             Start::Resume {
                 cursor,
                 replay,
                 first,
+                reset,
             } => {
                 self.floors.insert(channel.clone(), cursor);
+                if reset {
+                    Stats::add(&self.state.stats.resets_sent, 1);
+                    let message = reset_message(
+                        std::slice::from_ref(&channel),
+                        GapReason::UnknownPosition,
+                        cursor,
+                    );
+                    self.send(message).await?;
+                }
                 self.replay(&channel, replay, first, position).await?;
             }
         }
@@ -555,7 +569,7 @@ impl WsConnection {
                 }
                 Some(ReplayItem::Gap(channel, reason)) => {
                     Stats::add(&self.state.stats.resets_sent, 1);
-                    reset_message(&[channel], reason)
+                    Message::Text(reset_json(&[channel], reason).to_string().into())
                 }
             };
             self.socket
@@ -651,8 +665,11 @@ fn reset_json(channels: &[Channel], reason: GapReason) -> Value {
     json!({"type": "reset", "channels": channels, "reason": reason.as_str()})
 }
 
-fn reset_message(channels: &[Channel], reason: GapReason) -> Message {
-    Message::Text(reset_json(channels, reason).to_string().into())
+/// A `reset` of `channels` at subscription, with the `since` to resume them from.
+fn reset_message(channels: &[Channel], reason: GapReason, position: u64) -> Message {
+    let mut message = reset_json(channels, reason);
+    message["position"] = json!(position.to_string());
+    Message::Text(message.to_string().into())
 }
 
 fn truncate(text: &str) -> String {

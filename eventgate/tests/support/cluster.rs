@@ -122,6 +122,20 @@ impl RedisCluster {
         let cluster = Self { nodes };
         let ok = wait_until(Duration::from_secs(30), || cluster.is_ok()).await;
         assert!(ok, "the cluster never reached cluster_state:ok");
+        let synced = wait_until(Duration::from_secs(30), || async {
+            for node in &cluster.nodes {
+                let info: String = node.query(&["INFO", "replication"]).await;
+                if info.contains("role:slave") && !info.contains("master_link_status:up") {
+                    return false;
+                }
+            }
+            let slots: Vec<redis::Value> = cluster.nodes[0].query(&["CLUSTER", "SLOTS"]).await;
+            slots.iter().all(|range| {
+                matches!(range, redis::Value::Array(fields) if fields.len() == 3 + replicas)
+            })
+        })
+        .await;
+        assert!(synced, "the replicas never caught up");
         cluster
     }
 
@@ -143,30 +157,63 @@ impl RedisCluster {
         self.nodes.iter().map(|n| n.url()).collect()
     }
 
-    /// The node serving `slot` now.
-    pub async fn primary_of(&self, slot: u16) -> &RedisServer {
-        let slots: Vec<redis::Value> = self.nodes[0].query(&["CLUSTER", "SLOTS"]).await;
-        for range in slots {
-            let redis::Value::Array(fields) = range else {
-                continue;
-            };
-            let (Some(redis::Value::Int(first)), Some(redis::Value::Int(last))) =
-                (fields.first(), fields.get(1))
+    /// The port of the primary serving `slot` now, and of its replicas, as a live node says.
+    pub async fn serving(&self, slot: u16) -> (u16, Vec<u16>) {
+        for node in &self.nodes {
+            let Some(ranges) = node
+                .try_query::<Vec<redis::Value>>(&["CLUSTER", "SLOTS"])
+                .await
             else {
                 continue;
             };
-            if (*first..=*last).contains(&i64::from(slot))
-                && let Some(redis::Value::Array(primary)) = fields.get(2)
-                && let Some(redis::Value::Int(port)) = primary.get(1)
-            {
-                return self
-                    .nodes
+            for range in ranges {
+                let redis::Value::Array(fields) = range else {
+                    continue;
+                };
+                let (Some(redis::Value::Int(first)), Some(redis::Value::Int(last))) =
+                    (fields.first(), fields.get(1))
+                else {
+                    continue;
+                };
+                if !(*first..=*last).contains(&i64::from(slot)) {
+                    continue;
+                }
+                let ports: Vec<u16> = fields[2..]
                     .iter()
-                    .find(|n| i64::from(n.port) == *port)
-                    .expect("one of ours");
+                    .filter_map(|node| match node {
+                        redis::Value::Array(node) => match node.get(1) {
+                            Some(redis::Value::Int(port)) => u16::try_from(*port).ok(),
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect();
+                if let Some((primary, replicas)) = ports.split_first() {
+                    return (*primary, replicas.to_vec());
+                }
             }
         }
-        panic!("nobody serves slot {slot}");
+        panic!("no live node names a primary of slot {slot}");
+    }
+
+    /// The node on `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("one of ours")
+    }
+
+    pub fn node_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("one of ours")
+    }
+
+    /// Waits until the cluster says `port` serves `slot`.
+    pub async fn wait_primary_is(&self, slot: u16, port: u16, timeout: Duration) -> bool {
+        wait_until(timeout, || async { self.serving(slot).await.0 == port }).await
     }
 }
 

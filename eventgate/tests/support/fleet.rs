@@ -382,3 +382,84 @@ impl Publishing {
         longest
     }
 }
+
+/// Waits for every client to reach the last acknowledged event; checks and prints the counts.
+pub async fn settle(
+    name: &str,
+    mut clients: tokio::task::JoinSet<Outcome>,
+    acked: &[u64],
+    extra: &str,
+) {
+    let mut outcomes = Vec::new();
+    let all = tokio::time::timeout(Duration::from_secs(90), async {
+        while let Some(outcome) = clients.join_next().await {
+            outcomes.push(outcome.expect("client task"));
+        }
+    })
+    .await;
+    assert!(
+        all.is_ok(),
+        "{name}: {} clients caught up in 90 s",
+        outcomes.len()
+    );
+    assert!(
+        acked.windows(2).all(|w| w[0] < w[1]),
+        "{name}: an id was handed out twice"
+    );
+    let (mut delivered, mut reset, mut lost, mut duplicated, mut disordered) = (0, 0, 0, 0, 0);
+    for outcome in &outcomes {
+        delivered += outcome.ids.iter().filter(|id| acked.contains(id)).count();
+        reset += usize::from(!outcome.resets.is_empty());
+        lost += outcome.lost(acked);
+        duplicated += outcome.duplicated();
+        disordered += usize::from(!outcome.in_order());
+    }
+    println!(
+        "{name}: acknowledged {} events; {} clients; delivered {delivered} of {}; \
+         {reset} clients reset; lost {lost}, duplicated {duplicated}, out of order {disordered}{extra}",
+        acked.len(),
+        outcomes.len(),
+        acked.len() * outcomes.len(),
+    );
+    assert_eq!((lost, duplicated, disordered), (0, 0, 0), "{name}");
+}
+
+/// `sse` SSE and `ws` WebSocket clients of `channel`, spread over `gateways`, each its own user
+/// and address; returns once all are connected.
+pub async fn clients(
+    gateways: &[SocketAddr],
+    channel: &'static str,
+    sse: u32,
+    ws: u32,
+    last: &watch::Receiver<Option<u64>>,
+) -> tokio::task::JoinSet<Outcome> {
+    let (mut clients, started) = (tokio::task::JoinSet::new(), Started::default());
+    let gateway = |i: u32| gateways[i as usize % gateways.len()];
+    for i in 0..sse {
+        let (last, started) = (last.clone(), started.clone());
+        let user = format!("sse-{i}");
+        clients.spawn(sse_client(
+            user,
+            source(i),
+            gateway(i),
+            channel,
+            last,
+            started,
+        ));
+    }
+    for i in 0..ws {
+        let (last, started) = (last.clone(), started.clone());
+        let user = format!("ws-{i}");
+        clients.spawn(ws_client(
+            user,
+            source(sse + i),
+            gateway(i),
+            channel,
+            last,
+            started,
+        ));
+    }
+    let all = started.wait_for(sse + ws, Duration::from_secs(60)).await;
+    assert!(all, "{} of {} clients started", started.count(), sse + ws);
+    clients
+}
