@@ -90,12 +90,12 @@ async fn services(cluster: &RedisCluster) -> (Service, Vec<Service>) {
 /// Clients of channel `f` and a publisher writing `RATE` events/s with idempotency keys while
 /// `fault` fails over the primary serving `f`'s shard (it returns once a replica has taken
 /// over): every acknowledged event reaches every client once, in order, or within a `reset`.
-async fn run_failover<F, Fut>(name: &str, fault: F)
+async fn run_failover<F, Fut>(name: &str, replicas: usize, fault: F)
 where
     F: FnOnce(RedisCluster, u16) -> Fut,
     Fut: std::future::Future<Output = RedisCluster>,
 {
-    let cluster = RedisCluster::start(3, 1).await;
+    let cluster = RedisCluster::start(3, replicas).await;
     let (publisher, gateways) = services(&cluster).await;
     let addrs: Vec<SocketAddr> = gateways
         .iter()
@@ -120,7 +120,7 @@ where
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_failover_is_followed_and_loses_nothing_silently() {
-    run_failover("CLUSTER FAILOVER", |cluster, slot| async move {
+    run_failover("CLUSTER FAILOVER", 1, |cluster, slot| async move {
         let (old, replicas) = cluster.serving(slot).await;
         let new = replicas[0];
         let answer: String = cluster.node(new).query(&["CLUSTER", "FAILOVER"]).await;
@@ -140,6 +140,7 @@ async fn a_cluster_failover_is_followed_and_loses_nothing_silently() {
 async fn a_killed_cluster_primary_is_replaced_and_nothing_is_lost_silently() {
     run_failover(
         "kill -9 of a cluster primary",
+        1,
         |mut cluster, slot| async move {
             let (old, replicas) = cluster.serving(slot).await;
             cluster.node_mut(old).kill().await;
@@ -152,5 +153,33 @@ async fn a_killed_cluster_primary_is_replaced_and_nothing_is_lost_silently() {
             cluster
         },
     )
+    .await;
+}
+
+/// A live channel's slot moves to another primary under load: the old node ends the
+/// subscriptions (`sunsubscribe`), publishes wait out the migration (`ASK`, `TRYAGAIN`) and go on
+/// on the new node; nothing acknowledged is lost. eventgate cannot tell a moved slot from one
+/// that failed over to a replica that lagged (the writing server changed either way), so the
+/// shard's clients get one `reset` and every event after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_migration_under_load_loses_nothing() {
+    run_failover("slot migration", 0, |cluster, slot| async move {
+        let from = cluster.serving(slot).await.0;
+        let to = *cluster
+            .primaries()
+            .await
+            .iter()
+            .find(|&&p| p != from)
+            .expect("another primary");
+        let moved = cluster.migrate_slot(slot, to).await;
+        assert!(moved >= 3, "the shard's keys moved: {moved}");
+        assert!(
+            cluster
+                .wait_primary_is(slot, to, Duration::from_secs(10))
+                .await,
+            "the slot never moved"
+        );
+        cluster
+    })
     .await;
 }

@@ -211,6 +211,65 @@ impl RedisCluster {
             .expect("one of ours")
     }
 
+    /// Moves `slot` from the primary serving it to the primary on `to`, the way
+    /// `redis-cli --cluster reshard` does: `IMPORTING` on the target, `MIGRATING` on the
+    /// source, `MIGRATE` of its keys in batches, then `SETSLOT NODE` on both and every other
+    /// node. Returns how many keys moved.
+    pub async fn migrate_slot(&self, slot: u16, to: u16) -> usize {
+        let from = self.serving(slot).await.0;
+        let (source, target) = (self.node(from), self.node(to));
+        let source_id: String = source.query(&["CLUSTER", "MYID"]).await;
+        let target_id: String = target.query(&["CLUSTER", "MYID"]).await;
+        let slot = slot.to_string();
+        let _: String = target
+            .query(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &source_id])
+            .await;
+        let _: String = source
+            .query(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id])
+            .await;
+        let port = to.to_string();
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = source
+                .query(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+                .await;
+            if keys.is_empty() {
+                break;
+            }
+            moved += keys.len();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys.iter().map(String::as_str));
+            let _: String = source.query(&args).await;
+        }
+        // The target first, so the slot is never owned by nobody (as redis-cli does).
+        let _: String = target
+            .query(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id])
+            .await;
+        let _: String = source
+            .query(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id])
+            .await;
+        for node in &self.nodes {
+            if node.port != from && node.port != to {
+                let _: Option<String> = node
+                    .try_query(&["CLUSTER", "SETSLOT", &slot, "NODE", &target_id])
+                    .await;
+            }
+        }
+        moved
+    }
+
+    /// The ports of the primaries, as a live node says.
+    pub async fn primaries(&self) -> Vec<u16> {
+        let mut primaries = Vec::new();
+        for slot in (0..16384u16).step_by(512) {
+            let primary = self.serving(slot).await.0;
+            if !primaries.contains(&primary) {
+                primaries.push(primary);
+            }
+        }
+        primaries
+    }
+
     /// Waits until the cluster says `port` serves `slot`.
     pub async fn wait_primary_is(&self, slot: u16, port: u16, timeout: Duration) -> bool {
         wait_until(timeout, || async { self.serving(slot).await.0 == port }).await

@@ -19,7 +19,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::{Keys, commands::Commands};
+use super::{Keys, commands::Commands, shard::LINEAGE_KEYS};
 use crate::{Accepted, BrokerConfig, BrokerError, Outgoing, config::CLOCK_KEEP};
 
 /// Most events in one script call: keeps each call (which blocks Redis) short. A larger
@@ -159,9 +159,17 @@ async fn commit(call: Arc<Call>, batch: Vec<Pending>) {
         .arg(call.config.history_ttl.as_millis() as u64)
         .arg(CLOCK_KEEP)
         .arg(call.config.idempotency_ttl.as_millis() as u64);
+    // Idempotency keys are declared keys too (after the streams; an entry's argument names its
+    // key's index): Redis Cluster then answers `ASK`/`TRYAGAIN` for a slot in migration before
+    // the script runs, instead of failing half-way through it on a key that moved.
+    let mut next_key = LINEAGE_KEYS + entries.len();
     for entry in &entries {
         let idempotency = match &entry.idempotency_key {
-            Some(key) => call.keys.idempotency(key),
+            Some(key) => {
+                invocation.key(call.keys.idempotency(key));
+                next_key += 1;
+                next_key.to_string()
+            }
             None => String::new(),
         };
         invocation

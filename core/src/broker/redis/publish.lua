@@ -1,17 +1,17 @@
 -- Appends events to their channels' streams and publishes them live, in one atomic step, each
 -- under the next value of the broker's single counter (docs/resume.md).
 --
--- KEYS[4 + i] stream of entry i
+-- KEYS[4 + i] stream of entry i, then the entries' idempotency keys
 -- ARGV[3] max stream length, ARGV[4] stream TTL in ms, ARGV[5] clock checkpoints kept,
 -- ARGV[6] idempotency TTL in ms, ARGV[4 + 3i] pub/sub channel of entry i, ARGV[5 + 3i] its
--- body, ARGV[6 + 3i] its idempotency key ('' for none)
+-- body, ARGV[6 + 3i] the index in KEYS of its idempotency key ('' for none)
 -- Returns the seq of every entry, in order; minus the first seq for an entry whose idempotency
 -- key was already used (nothing is published for it).
 local counter, clock = KEYS[1], KEYS[3]
 local max_len, ttl = ARGV[3], ARGV[4]
 local keep, idem_ttl = tonumber(ARGV[5]), ARGV[6]
 local bucket = tonumber(ARGV[2])
-local n = #KEYS - 4
+local n = (#ARGV - 6) / 3
 local last, _, now_us = lineage()
 
 -- The batch's ids: consecutive, in request order, above the counter and at least the clock in
@@ -28,6 +28,7 @@ end
 local seqs, streams = {}, {}
 for i = 1, n do
   local stream, body, idem = KEYS[4 + i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+  if idem ~= '' then idem = KEYS[tonumber(idem)] end
   local first = idem ~= '' and redis.call('GET', idem)
   if first then
     -- A retry: answer the first publish's seq (its own seq stays unused; ids may have gaps).

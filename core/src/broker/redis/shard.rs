@@ -71,7 +71,8 @@ impl Keys {
         format!("{}{digest}", self.ticket)
     }
 
-    /// The keys and arguments `lineage.lua` expects first in every script.
+    /// The keys and arguments `lineage.lua` expects first in every script ([`LINEAGE_KEYS`]
+    /// keys).
     pub(super) fn lineage(&self, call: &mut ScriptInvocation, config: &BrokerConfig) {
         call.key(&self.counter)
             .key(&self.epoch)
@@ -85,6 +86,9 @@ impl Keys {
             .arg(config.clock_bucket_secs());
     }
 }
+
+/// How many keys [`Keys::lineage`] declares: a script's own keys start after them.
+pub(super) const LINEAGE_KEYS: usize = 4;
 
 /// Records the deployment's shard count (`{prefix}shards`, untagged: the key must not depend
 /// on the count) unless one is recorded; answers the one recorded before.
