@@ -180,6 +180,24 @@ async fn a_shard_that_is_down_takes_only_its_own_channels_with_it() {
     })
     .await;
     assert!(ready, "the gateway reports the shard");
+    let metrics = stack
+        .http
+        .get(format!("{}/metrics", stack.gateways[0].url))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for line in [
+        "eventgate_gateway_shard_ready{shard=\"0\"} 0",
+        "eventgate_gateway_shard_ready{shard=\"1\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} in the metrics:\n{metrics}"
+        );
+    }
     let publisher: serde_json::Value = stack
         .http
         .get(format!("{}/readyz", stack.publisher.url))

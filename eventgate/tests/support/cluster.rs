@@ -11,7 +11,7 @@ pub struct RedisCluster {
 }
 
 /// A port whose cluster bus port (+10000) is free as well.
-fn free_cluster_port() -> u16 {
+pub fn free_cluster_port() -> u16 {
     loop {
         let port = free_port();
         if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
