@@ -1113,8 +1113,29 @@ async fn the_cluster_init_script_forms_the_cluster_once() {
     let created = finish(first).await;
     assert!(!created.contains("already formed"), "{created}");
 
-    // Each node as it sees itself (gossip may not have told every node of every replica yet):
-    // id, role, its primary, slots.
+    // The script returns once every node says `cluster_state:ok`; gossip tells every node of
+    // the others (and the replicas' roles) soon after.
+    let gossiped = wait_until(Duration::from_secs(30), || async {
+        let mut all = true;
+        for node in &nodes {
+            let info: String = node.query(&["CLUSTER", "INFO"]).await;
+            all &= [
+                "cluster_state:ok",
+                "cluster_known_nodes:6",
+                "cluster_size:3",
+            ]
+            .iter()
+            .all(|line| info.contains(line));
+        }
+        all
+    })
+    .await;
+    assert!(
+        gossiped,
+        "every node knows the six nodes and three primaries"
+    );
+
+    // Each node as it sees itself: id, role, its primary, slots.
     let layout = || async {
         let mut table = Vec::new();
         for node in &nodes {

@@ -82,22 +82,23 @@ pub struct PublisherConfig {
     )]
     pub rate_limit_unauthenticated: Rate,
 
-    /// `REQUEST_HEADER_TIMEOUT` (see [`eventgate_core::limits::EdgeConfig`]).
     /// After SIGTERM: requests are refused (503) for this long while the listener stays open
     /// (`DRAIN_GRACE`, set by the binary).
     #[arg(skip = Duration::from_secs(5))]
     pub drain_grace: Duration,
 
-    /// The process stops at the latest this long after SIGTERM; in-flight requests finish
-    /// within it (`DRAIN_TIMEOUT`, set by the binary for both services).
-    #[arg(skip = Duration::from_secs(15))]
+    /// A request head must arrive within this (`REQUEST_HEADER_TIMEOUT`, set by the binary;
+    /// see [`eventgate_core::limits::EdgeConfig`]).
+    #[arg(skip = Duration::from_secs(10))]
     pub request_header_timeout: Duration,
 
     /// A request body must arrive within this.
     #[arg(long, env = "REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 
-    #[arg(skip = Duration::from_secs(10))]
+    /// The process stops at the latest this long after SIGTERM; in-flight requests finish
+    /// within it (`DRAIN_TIMEOUT`, set by the binary for both services).
+    #[arg(skip = Duration::from_secs(15))]
     pub shutdown_timeout: Duration,
 }
 
