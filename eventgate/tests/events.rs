@@ -21,6 +21,7 @@ on_both_brokers!(
     a_cursor_ahead_of_the_counter_sends_reset,
     expired_history_sends_reset,
     position_lines_keep_quiet_clients_current,
+    position_events_tell_scripts_where_a_quiet_stream_stands,
     heartbeats_are_comments,
     slow_client_is_dropped_while_a_fast_one_gets_everything,
     stats_count_connections_and_deliveries,
@@ -377,6 +378,64 @@ async fn position_lines_keep_quiet_clients_current(backend: Backend) {
     let missed = stack.publish_one("quiet", json!("now")).await;
     let mut back = stack.subscribe_at(0, "channel=quiet", Some(&cursor)).await;
     assert_eq!(back.next_event(SOON).await.expect("missed").id, missed);
+}
+
+/// A page that reconnects by itself (a fresh ticket, a new `EventSource`) cannot read id-only
+/// lines; with `?position_events=true` every position fires an `eventgate-position` event
+/// carrying the id, and resuming from it is exact.
+async fn position_events_tell_scripts_where_a_quiet_stream_stands(backend: Backend) {
+    let mut options = Options::default();
+    options.gateway.heartbeat_interval = Duration::from_millis(200);
+    let stack = Stack::start_with(backend, options).await;
+    let query = "channel=quiet&position_events=true";
+    let mut quiet = SseClient::connect(&stack.http, &stack.events_url(0, query), None).await;
+    assert_eq!(quiet.status, StatusCode::OK);
+    let fired = |block: &support::sse::Block| {
+        let id = block.id.clone().expect("an id");
+        assert_eq!(
+            block.event.as_deref(),
+            Some("eventgate-position"),
+            "{block:?}"
+        );
+        assert_eq!(block.data, Some(json!({"id": id}).to_string()), "{block:?}");
+        id
+    };
+    let opening = quiet.next_block(SOON).await.expect("opening block");
+    assert!(opening.retry.is_some(), "{opening:?}");
+    fired(&opening);
+    let busy = stack.publish_one("busy", json!("elsewhere")).await;
+    loop {
+        let block = quiet.next_block(SOON).await.expect("a position");
+        if block.id.is_none() && !block.comments.is_empty() {
+            continue; // a heartbeat
+        }
+        if fired(&block).parse::<u64>().expect("numeric") >= busy {
+            break;
+        }
+    }
+    let cursor = quiet.last_id.clone().expect("id");
+    drop(quiet);
+    let missed = stack.publish_one("quiet", json!("now")).await;
+    let mut back = stack.subscribe_at(0, query, Some(&cursor)).await;
+    let event = loop {
+        let event = back.next_event(SOON).await.expect("the missed event");
+        if event.event.as_deref() != Some("eventgate-position") {
+            break event;
+        }
+    };
+    assert_eq!(event.id, missed);
+
+    let refused = SseClient::connect(
+        &stack.http,
+        &stack.events_url(0, "channel=quiet&position_events=yes"),
+        None,
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        refused.error_body().await["error"]["code"],
+        "invalid_position_events"
+    );
 }
 
 async fn heartbeats_are_comments(backend: Backend) {

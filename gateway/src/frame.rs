@@ -95,6 +95,18 @@ pub fn sse_position(id: &str) -> Bytes {
     Bytes::from(format!("id: {id}\n\n"))
 }
 
+/// A position as an event a script can listen for (`?position_events=true`): `EventSource`
+/// fires nothing for an id-only block, so a page that reconnects by itself (a fresh ticket, a
+/// new `EventSource`) could not otherwise learn where a quiet stream stands.
+pub fn sse_position_event(id: &str) -> Bytes {
+    Bytes::from(format!(
+        "id: {id}\nevent: {POSITION_EVENT}\ndata: {{\"id\":\"{id}\"}}\n\n"
+    ))
+}
+
+/// The event name of [`sse_position_event`], reserved at publish (`eventgate*`).
+pub const POSITION_EVENT: &str = "eventgate-position";
+
 /// `event: reset` naming the channels whose history is incomplete, optionally moving the
 /// position (after a data loss the old position means nothing).
 pub fn sse_reset(channels: &[Channel], reason: GapReason, position: Option<&str>) -> Bytes {

@@ -28,7 +28,7 @@ use tokio::time::{Instant, Sleep};
 use crate::{
     GatewayState,
     error::ApiError,
-    frame::{Frame, sse_position, sse_reset},
+    frame::{Frame, sse_position, sse_position_event, sse_reset},
     hub::{CloseReason, Delivery, Stats},
     metrics::EndReason,
     replay::{Replay, ReplayItem},
@@ -43,6 +43,8 @@ pub struct EventsRequest {
     /// `?duration=`: end the stream after this long (monitoring probes, clients that cannot
     /// read an endless response). `EventSource` then reconnects and resumes as usual.
     pub duration: Option<Duration>,
+    /// `?position_events=true`: position lines as `eventgate-position` events.
+    pub position_events: bool,
 }
 
 /// Longest `?duration=`.
@@ -59,6 +61,7 @@ pub fn parse_request(
     let mut channels: Vec<Channel> = Vec::new();
     let mut cursor_param = None;
     let mut duration = None;
+    let mut position_events = false;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match &*key {
             "channel" => {
@@ -85,6 +88,18 @@ pub fn parse_request(
                         )
                     })?;
                 duration = Some(parsed);
+            }
+            "position_events" => {
+                position_events = match &*value {
+                    "true" | "1" => true,
+                    "false" | "0" | "" => false,
+                    _ => {
+                        return Err(ApiError::bad_request(
+                            "invalid_position_events",
+                            format!("position_events {value:?}: use true or false"),
+                        ));
+                    }
+                }
             }
             _ => {}
         }
@@ -134,6 +149,7 @@ pub fn parse_request(
         channels,
         cursor,
         duration,
+        position_events,
     })
 }
 
@@ -174,6 +190,7 @@ pub(crate) async fn open(
         request.channels,
         ends,
         attached,
+        request.position_events,
         state,
     ))
 }
@@ -222,9 +239,20 @@ struct Floors {
     count: usize,
     /// `(shard, seq)`, in shard order.
     shards: Vec<(usize, u64)>,
+    /// Positions are written as events a script sees (`?position_events=true`).
+    fired: bool,
 }
 
 impl Floors {
+    /// The connection's position, as an id-only line or as an event.
+    fn position_bytes(&self) -> Bytes {
+        if self.fired {
+            sse_position_event(&self.id())
+        } else {
+            sse_position(&self.id())
+        }
+    }
+
     fn get(&self, shard: usize) -> Option<u64> {
         self.shards
             .iter()
@@ -324,7 +352,7 @@ async fn replay_chunk(
             }
             None => {
                 if floors.raise(shard, position) {
-                    out.extend_from_slice(&sse_position(&floors.id()));
+                    out.extend_from_slice(&floors.position_bytes());
                 }
                 return ReplayStep {
                     replay: None,
@@ -386,6 +414,7 @@ impl SseBody {
         channels: Vec<Channel>,
         (ends, ending): (Duration, Ending),
         attached: Attached,
+        position_events: bool,
         state: &GatewayState,
     ) -> Self {
         let base = state.config.sse_retry.as_millis() as u64;
@@ -394,6 +423,7 @@ impl SseBody {
         let mut floors = Floors {
             count: state.broker.shards().count(),
             shards: Vec::new(),
+            fired: position_events,
         };
         let mut unknown = Vec::new();
         let mut replays = VecDeque::new();
@@ -419,7 +449,7 @@ impl SseBody {
             };
             floors.shards.push((part.shard, floor));
         }
-        prelude.extend_from_slice(&sse_position(&floors.id()));
+        prelude.extend_from_slice(&floors.position_bytes());
         if !unknown.is_empty() {
             prelude.extend_from_slice(&sse_reset(&unknown, GapReason::UnknownPosition, None));
             Stats::add(&state.stats.resets_sent, 1);
@@ -574,7 +604,7 @@ impl SseBody {
             {
                 floors.raise(shard, seq);
                 self.busy_since_heartbeat = true;
-                Some(sse_position(&floors.id()))
+                Some(floors.position_bytes())
             }
             Delivery::Position { .. } => {
                 self.busy_since_position = false;
