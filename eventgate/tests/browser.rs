@@ -1,0 +1,231 @@
+//! The browser client (`clients/js`) in real Chromium: a page per transport and a React page
+//! built with esbuild that renders each event with `useEventgate`, through the repo's
+//! nginx config in front of two gateways, while events are published on several channels, each
+//! gateway is killed and started again in turn and the pages' tokens run out: every event
+//! reaches each page exactly once, in order per channel. Then a channel's history is trimmed
+//! while the pages are away: the app gets the reset, the other channels resume exactly. Needs
+//! `npm ci` in `clients/js` and Debian's `chromium`, which the README's test command provides.
+
+mod support;
+
+use std::{collections::BTreeMap, path::PathBuf, process::Stdio, time::Duration};
+
+use serde_json::{Value, json};
+use support::{process, *};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+const CHANNELS: [&str; 3] = ["orders", "invoice:7", "user:42"];
+const EVENTS: usize = 90;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// What one page received: ids per channel, resets, and how often it reconnected.
+struct Page {
+    got: BTreeMap<String, Vec<String>>,
+    resets: Vec<Value>,
+    reconnects: usize,
+}
+
+fn page(result: &Value, transport: &str) -> Page {
+    let page = &result[transport];
+    let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for pair in page["received"].as_array().expect("received") {
+        got.entry(pair[0].as_str().expect("channel").to_owned())
+            .or_default()
+            .push(pair[1].as_str().expect("id").to_owned());
+    }
+    Page {
+        got,
+        resets: page["resets"].as_array().cloned().unwrap_or_default(),
+        reconnects: page["statuses"]
+            .as_array()
+            .expect("statuses")
+            .iter()
+            .filter(|s| *s == "reconnecting")
+            .count(),
+    }
+}
+
+struct Driver {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Driver {
+    async fn ask(&mut self, command: &str) -> String {
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin
+            .write_all(format!("{command}\n").as_bytes())
+            .await
+            .expect("command");
+        tokio::time::timeout(Duration::from_secs(120), self.lines.next_line())
+            .await
+            .expect("the driver answers")
+            .expect("read")
+            .expect("a line")
+    }
+
+    /// Waits until both pages have the last event of each channel; what they received.
+    async fn until(&mut self, published: &BTreeMap<String, Vec<String>>) -> Value {
+        let last: Vec<&str> = published
+            .values()
+            .filter_map(|ids| ids.last().map(String::as_str))
+            .collect();
+        let line = self.ask(&format!("until {}", last.join(","))).await;
+        serde_json::from_str(line.strip_prefix("result ").expect("result")).expect("JSON")
+    }
+}
+
+async fn publish(
+    http: &reqwest::Client,
+    deployment: &process::Deployment,
+    channel: &str,
+    data: Value,
+) -> String {
+    let response = http
+        .post(format!("{}/v1/publish", deployment.publisher.url))
+        .bearer_auth(TEST_PUBLISHER_KEY)
+        .json(&json!({"channel": channel, "data": data}))
+        .send()
+        .await
+        .expect("publish");
+    let answer: Value = response.json().await.expect("JSON");
+    answer["published"][0]["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_package_in_chromium_gets_every_event_once_through_restarts_expiry_and_resets() {
+    let js = repo().join("clients/js");
+    assert!(
+        js.join("node_modules/puppeteer-core").exists() && js.join("dist/index.js").exists(),
+        "run `npm ci && npm test` in clients/js first (scripts/test does)"
+    );
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("Chromium (Debian: apt-get install chromium; scripts/test installs it)");
+    let mut deployment = process::Deployment::start(
+        2,
+        &[
+            ("HEARTBEAT_INTERVAL", "1s"),
+            ("HISTORY_MAX_LEN", "50"),
+            ("JWT_LEEWAY", "1s"),
+        ],
+    )
+    .await;
+    // Tokens of 4 s, minted by the driver as an app's backend would: they run out during the
+    // run, so SSE streams end with `expired` and WebSockets refresh.
+    let mut child = tokio::process::Command::new("node")
+        .arg(js.join("e2e/driver.mjs"))
+        .env("EVENTGATE_ORIGIN", &deployment.nginx.url)
+        .env("EVENTGATE_PUBLISHER", &deployment.publisher.url)
+        .env("EVENTGATE_PUBLISHER_KEY", TEST_PUBLISHER_KEY)
+        .env("TOKEN_TTL_SECONDS", "4")
+        .env("CHANNELS", CHANNELS.join(","))
+        .env("CHROMIUM", chromium)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut driver = Driver { child, lines };
+    let ready = tokio::time::timeout(Duration::from_secs(90), driver.lines.next_line())
+        .await
+        .expect("the pages connect")
+        .expect("read");
+    assert_eq!(ready.as_deref(), Some("ready"));
+
+    // Each gateway killed (`kill -9`) and started again in turn, while publishing.
+    let http = reqwest::Client::new();
+    let mut published: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let started = tokio::time::Instant::now();
+    for i in 0..EVENTS {
+        match i {
+            20 => deployment.gateways[0].kill().await,
+            35 => deployment.gateways[0].restart().await,
+            55 => deployment.gateways[1].kill().await,
+            70 => deployment.gateways[1].restart().await,
+            _ => {}
+        }
+        let channel = CHANNELS[i % CHANNELS.len()];
+        let id = publish(&http, &deployment, channel, json!(i)).await;
+        published.entry(channel.to_owned()).or_default().push(id);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    let result = driver.until(&published).await;
+    let minted = result["tokens_minted"].as_u64().unwrap_or(0);
+    for transport in ["sse", "websocket", "react"] {
+        let page = page(&result, transport);
+        println!(
+            "{transport}: {} of {EVENTS} events in {:.1?}, {} reconnects, {} tokens minted by both pages",
+            page.got.values().map(Vec::len).sum::<usize>(),
+            started.elapsed(),
+            page.reconnects,
+            minted
+        );
+        assert_eq!(
+            page.got, published,
+            "{transport}: every event exactly once, in order per channel"
+        );
+        assert!(page.resets.is_empty(), "{transport}: {:?}", page.resets);
+        // (React may render a quick `reconnecting` and `open` as one state.)
+        assert!(
+            transport == "react" || page.reconnects >= 1,
+            "{transport}: both gateways were killed, so the page reconnected"
+        );
+    }
+    assert!(minted >= 4, "tokens ran out and were replaced: {minted}");
+
+    // Both gateways down while 300 events go to `orders`: more than its history keeps. When the
+    // pages come back, `orders` is reset (the app refetches it); the rest resumes exactly.
+    deployment.gateways[0].kill().await;
+    deployment.gateways[1].kill().await;
+    let mut trimmed = Vec::new();
+    for i in 0..300 {
+        trimmed.push(publish(&http, &deployment, "orders", json!(i)).await);
+    }
+    deployment.gateways[0].restart().await;
+    deployment.gateways[1].restart().await;
+    assert_eq!(driver.ask("resets 1").await, "resets");
+    for channel in CHANNELS {
+        let id = publish(&http, &deployment, channel, json!("after")).await;
+        published.get_mut(channel).expect("channel").push(id);
+    }
+    let result = driver.until(&published).await;
+    for transport in ["sse", "websocket", "react"] {
+        let page = page(&result, transport);
+        println!("{transport}: after the trim, resets {:?}", page.resets);
+        assert_eq!(
+            page.resets,
+            [json!([["orders"], "history_trimmed"])],
+            "{transport}: the app is told to refetch orders"
+        );
+        for channel in ["invoice:7", "user:42"] {
+            assert_eq!(
+                page.got[channel], published[channel],
+                "{transport}: {channel}"
+            );
+        }
+        // `orders`: everything before the outage, then what history still had, then live.
+        let orders = &page.got["orders"];
+        let before = published["orders"].len() - 1;
+        assert_eq!(orders[..before], published["orders"][..before]);
+        let rest = &orders[before..];
+        assert_eq!(rest.last(), published["orders"].last(), "{transport}");
+        let kept = &rest[..rest.len() - 1];
+        assert!(
+            trimmed.ends_with(kept) && kept.len() < trimmed.len(),
+            "{transport}: after the reset, the end of history in order ({} of {})",
+            kept.len(),
+            trimmed.len()
+        );
+    }
+    drop(driver.child.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(10), driver.child.wait()).await;
+}
