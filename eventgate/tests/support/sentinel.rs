@@ -212,9 +212,14 @@ impl Sentinels {
         .await
     }
 
-    /// `master` or `slave`: what the server on `port` says it is.
+    /// `master` or `slave`: what the server on `port` says it is; empty while it cannot answer
+    /// (a server changing roles drops its clients' connections).
     pub async fn role(&self, port: u16) -> String {
-        let role: Vec<redis::Value> = self.server(port).query(&["ROLE"]).await;
+        let role: Vec<redis::Value> = self
+            .server(port)
+            .try_query(&["ROLE"])
+            .await
+            .unwrap_or_default();
         match role.first() {
             Some(redis::Value::BulkString(r)) => String::from_utf8_lossy(r).into_owned(),
             _ => String::new(),
