@@ -56,6 +56,37 @@ async fn events_flow_and_resume_over_a_cluster() {
         .map(|e| (e.channel().to_owned(), e.id))
         .collect();
     assert_delivered(Backend::Cluster, &got, &missed, "resumed from one id");
+
+    // Sharded pub/sub only: plain PUBLISH would copy every message to every node.
+    let cluster = stack.cluster.as_ref().expect("cluster");
+    let (mut spublished, mut shard_channels) = (0, 0);
+    for node in &cluster.nodes {
+        let stats: String = node.query(&["INFO", "commandstats"]).await;
+        assert!(
+            !stats.contains("cmdstat_publish:"),
+            "node {} ran plain PUBLISH:\n{stats}",
+            node.port
+        );
+        spublished += stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_spublish:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0);
+        let plain: Vec<String> = node.query(&["PUBSUB", "CHANNELS"]).await;
+        assert!(
+            plain.is_empty(),
+            "plain subscriptions on {}: {plain:?}",
+            node.port
+        );
+        let sharded: Vec<String> = node.query(&["PUBSUB", "SHARDCHANNELS"]).await;
+        shard_channels += sharded.len();
+    }
+    assert!(
+        spublished >= 7,
+        "events went out with SPUBLISH: {spublished}"
+    );
+    assert!(shard_channels > 0, "the gateway subscribes with SSUBSCRIBE");
+    drop(back);
 }
 
 /// The slot of channel `channel`'s shard among the services' default 16.
