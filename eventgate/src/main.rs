@@ -388,6 +388,11 @@ async fn standalone(mut args: StandaloneArgs, shutdown: CancellationToken) -> Re
     let publisher_listener = bind(args.publisher.publisher_addr, "publisher").await?;
     let gateway_url = url_of(&gateway_listener);
     let publisher_url = url_of(&publisher_listener);
+    // The console is on unless CONSOLE=false; its page may publish with the demo key.
+    let console = *args.gateway.console.get_or_insert(true);
+    if console {
+        args.publisher.console_port = gateway_listener.local_addr().ok().map(|a| a.port());
+    }
     let where_ = if args.broker.uses_redis() {
         format!("Redis at {}", args.broker.redis_description())
     } else {
@@ -397,6 +402,9 @@ async fn standalone(mut args: StandaloneArgs, shutdown: CancellationToken) -> Re
     println!("  gateway    {gateway_url}");
     println!("  publisher  {publisher_url}");
     print_quick_start(&generated, &gateway_url, &publisher_url);
+    if console {
+        print_console(&generated, &gateway_url, &publisher_url);
+    }
     let gateway = eventgate_gateway::run(
         args.gateway,
         broker.clone(),
@@ -448,6 +456,25 @@ fn print_quick_start(generated: &Generated, gateway_url: &str, publisher_url: &s
          -H 'Content-Type: application/json' \
          -d '{{\"channel\":\"orders\",\"event\":\"order:created\",\"data\":{{\"id\":42}}}}'"
     );
+}
+
+/// The console's address. Credentials go in the fragment, which browsers never send, so they
+/// reach no access log; the page keeps them in the tab's sessionStorage.
+fn print_console(generated: &Generated, gateway_url: &str, publisher_url: &str) {
+    let mut fragment = Vec::new();
+    if let Some(token) = &generated.token {
+        fragment.push(format!("token={token}"));
+    }
+    if let Some(key) = &generated.key {
+        fragment.push(format!("key={key}&publisher={publisher_url}"));
+    }
+    let fragment = if fragment.is_empty() {
+        String::new()
+    } else {
+        format!("#{}", fragment.join("&"))
+    };
+    println!("Watch and publish events in the browser:");
+    println!("  console             {gateway_url}/console{fragment}");
 }
 
 async fn connect_redis(config: &BrokerConfig, role: &str) -> Result<Broker, Failure> {

@@ -3,7 +3,8 @@
 //! nginx config in front of two gateways, while events are published on several channels, each
 //! gateway is killed and started again in turn and the pages' tokens run out: every event
 //! reaches each page exactly once, in order per channel. Then a channel's history is trimmed
-//! while the pages are away: the app gets the reset, the other channels resume exactly. Needs
+//! while the pages are away: the app gets the reset, the other channels resume exactly. And the
+//! live console `eventgate standalone` serves, driven like a user would, with a screenshot. Needs
 //! `npm ci` in `clients/js` and Debian's `chromium`, which the README's test command provides.
 
 mod support;
@@ -105,10 +106,7 @@ async fn the_client_package_in_chromium_gets_every_event_once_through_restarts_e
         js.join("node_modules/puppeteer-core").exists() && js.join("dist/index.js").exists(),
         "run `npm ci && npm test` in clients/js first (scripts/test does)"
     );
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .expect("Chromium (Debian: apt-get install chromium; scripts/test installs it)");
+    let chromium = chromium();
     let mut deployment = process::Deployment::start(
         2,
         &[
@@ -118,6 +116,12 @@ async fn the_client_package_in_chromium_gets_every_event_once_through_restarts_e
         ],
     )
     .await;
+    // The console is off unless asked for (`CONSOLE=true`; standalone turns it on).
+    let console = reqwest::get(format!("{}/console", deployment.gateways[0].url))
+        .await
+        .expect("console");
+    assert_eq!(console.status(), 404);
+
     // Tokens of 4 s, minted by the driver as an app's backend would: they run out during the
     // run, so SSE streams end with `expired` and WebSockets refresh.
     let mut child = tokio::process::Command::new("node")
@@ -228,4 +232,184 @@ async fn the_client_package_in_chromium_gets_every_event_once_through_restarts_e
     }
     drop(driver.child.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(10), driver.child.wait()).await;
+}
+
+fn chromium() -> &'static str {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("Chromium (Debian: apt-get install chromium; scripts/test installs it)")
+}
+
+/// The console at the address `eventgate standalone` prints: it connects with the token from
+/// that address, publishes from its form with the generated key, shows events published
+/// elsewhere over SSE and over WebSocket, and the test keeps a screenshot of it. The page is
+/// served with the package's current build, and no credential reaches the logs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_console_shows_and_publishes_events_in_chromium() {
+    let js = repo().join("clients/js");
+    let built = std::fs::read_to_string(js.join("dist/index.js"))
+        .expect("run `npm ci && npm test` in clients/js first (scripts/test does)");
+    assert!(
+        built == eventgate_gateway::console::CLIENT,
+        "gateway/console/client.js is not the package's current build: \
+         cp clients/js/dist/index.js gateway/console/client.js"
+    );
+    let mut server = process::eventgate(
+        &[],
+        &[
+            ("GATEWAY_ADDR", "127.0.0.1:0"),
+            ("PUBLISHER_ADDR", "127.0.0.1:0"),
+            ("DRAIN_GRACE", "100ms"),
+        ],
+    );
+    // Everything the server logs, to search for credentials at the end.
+    let mut stderr = server.stderr.take().expect("stderr");
+    let logs = tokio::spawn(async move {
+        let mut text = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut text).await;
+        text
+    });
+    let mut stdout = BufReader::new(server.stdout.take().expect("stdout")).lines();
+    let mut banner = Vec::new();
+    let console_url = tokio::time::timeout(SOON, async {
+        while let Some(line) = stdout.next_line().await.expect("stdout") {
+            banner.push(line.clone());
+            if let Some(url) = line.trim().strip_prefix("console") {
+                return url.trim().to_owned();
+            }
+        }
+        panic!("no console address in {banner:#?}")
+    })
+    .await
+    .expect("standalone prints the console's address");
+    let value = |label: &str| {
+        banner
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(label).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {label} in {banner:#?}"))
+    };
+    let (token, key, publisher) = (
+        value("subscriber token"),
+        value("PUBLISHER_API_KEYS"),
+        value("publisher"),
+    );
+    assert!(
+        console_url.contains(&format!("#token={token}")),
+        "{console_url}"
+    );
+
+    let screenshot = repo().join("target/console.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let mut child = tokio::process::Command::new("node")
+        .arg(js.join("e2e/console.mjs"))
+        .env("CONSOLE_URL", &console_url)
+        .env("SCREENSHOT", &screenshot)
+        .env("CHROMIUM", chromium())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let mut driver = Driver { child, lines };
+    let first = tokio::time::timeout(Duration::from_secs(90), driver.lines.next_line())
+        .await
+        .expect("the console connects and publishes")
+        .expect("read")
+        .expect("a line");
+    let from_page = first
+        .strip_prefix("published ")
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_owned();
+
+    // Events from a backend show up too: over WebSocket any event; over SSE (where the
+    // browser passes named events only to listeners of their name) events without a name.
+    let http = reqwest::Client::new();
+    let publish = |event: Option<&str>, data: Value| {
+        let mut body = json!({"channel": "orders", "data": data});
+        if let Some(name) = event {
+            body["event"] = json!(name);
+        }
+        let request = http
+            .post(format!("{publisher}/v1/publish"))
+            .bearer_auth(&key)
+            .json(&body);
+        async move {
+            let answer: Value = request
+                .send()
+                .await
+                .expect("publish")
+                .json()
+                .await
+                .expect("JSON");
+            answer["published"][0]["id"]
+                .as_str()
+                .expect("an id")
+                .to_owned()
+        }
+    };
+    let over_ws = publish(Some("order:shipped"), json!({"order": 1})).await;
+    assert_eq!(driver.ask(&format!("until {over_ws}")).await, "shown");
+    assert_eq!(driver.ask("sse").await, "open");
+    let over_sse = publish(None, json!({"order": 2})).await;
+    assert_eq!(driver.ask(&format!("until {over_sse}")).await, "shown");
+    let line = driver.ask("screenshot").await;
+    let result: Value =
+        serde_json::from_str(line.strip_prefix("result ").expect("result")).expect("JSON");
+    println!("console: {result}");
+
+    assert_eq!(result["errors"], json!([]), "no script error on the page");
+    assert_eq!(result["status"], "open");
+    assert_eq!(result["hash"], "", "credentials leave the address bar");
+    let events: Vec<Vec<&str>> = result["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r[0] == "event")
+        .map(|r| {
+            r.as_array().expect("row")[1..]
+                .iter()
+                .map(|c| c.as_str().expect("cell"))
+                .collect()
+        })
+        .collect();
+    // Newest first: id, channel, event name, data.
+    assert_eq!(
+        events,
+        [
+            [over_sse.as_str(), "orders", "", r#"{"order":2}"#],
+            [
+                over_ws.as_str(),
+                "orders",
+                "order:shipped",
+                r#"{"order":1}"#
+            ],
+            [
+                from_page.as_str(),
+                "orders",
+                "invoice:paid",
+                r#"{"invoice":7,"amount":"12.50"}"#
+            ],
+        ]
+    );
+    let png = std::fs::read(&screenshot).expect("the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000,
+        "a PNG of the page ({} bytes)",
+        png.len()
+    );
+    println!("screenshot: {} ({} bytes)", screenshot.display(), png.len());
+    let _ = tokio::time::timeout(Duration::from_secs(10), driver.child.wait()).await;
+
+    let pid = server.id().expect("running").to_string();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = tokio::time::timeout(Duration::from_secs(30), server.wait()).await;
+    let logs = logs.await.expect("logs");
+    assert!(logs.contains("/console"), "the page was served: {logs}");
+    for secret in [&token, &key] {
+        assert!(!logs.contains(secret.as_str()), "a credential in the logs");
+    }
 }

@@ -139,6 +139,11 @@ pub struct GatewayConfig {
           value_parser = clap::value_parser!(u32).range(256..=1024 * 1024))]
     pub max_url_bytes: u32,
 
+    /// Serve the live console at `/console`: a page that subscribes to channels and shows
+    /// events, resets and connection state. Off by default; on in `eventgate standalone`.
+    #[arg(long, env = "CONSOLE", action = clap::ArgAction::Set)]
+    pub console: Option<bool>,
+
     /// After SIGTERM the replica is not ready at once, serves on for this long (`DRAIN_GRACE`,
     /// set by the binary for both services), then ends its streams.
     #[arg(skip = Duration::from_secs(5))]
@@ -180,6 +185,7 @@ impl Default for GatewayConfig {
             request_header_timeout: Duration::from_secs(10),
             max_header_bytes: 16 * 1024,
             max_url_bytes: 8 * 1024,
+            console: None,
         }
     }
 }

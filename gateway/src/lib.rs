@@ -5,10 +5,12 @@
 //! - [`live`]: the replica's one live connection to the broker, with backfill on reconnect;
 //! - [`session`]: opening a subscription in the order that makes resume exact;
 //! - [`sse`]: the `/v1/events` endpoint;
-//! - [`ws`]: the `/v1/ws` endpoint.
+//! - [`ws`]: the `/v1/ws` endpoint;
+//! - [`console`]: the live console page (`CONSOLE=true`).
 
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod frame;
 pub mod hub;
@@ -272,6 +274,9 @@ pub fn app(state: Arc<GatewayState>) -> Router {
         browser = browser.layer(cors);
     }
     let registry = Arc::new(metrics::registry(&state));
+    if state.config.console == Some(true) {
+        browser = browser.merge(console::routes());
+    }
     Router::new()
         .route("/v1/ws", get(ws::upgrade))
         .route(

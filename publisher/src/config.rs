@@ -96,6 +96,12 @@ pub struct PublisherConfig {
     #[arg(long, env = "REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_body_timeout: Duration,
 
+    /// `eventgate standalone` sets its gateway's port: the console that gateway serves may
+    /// then publish from the browser (CORS for `/v1/publish`, from that port on the host the
+    /// publisher is reached by). Never set in `publisher` mode, where keys stay on backends.
+    #[arg(skip)]
+    pub console_port: Option<u16>,
+
     /// The process stops at the latest this long after SIGTERM; in-flight requests finish
     /// within it (`DRAIN_TIMEOUT`, set by the binary for both services).
     #[arg(skip = Duration::from_secs(15))]
@@ -122,6 +128,7 @@ impl Default for PublisherConfig {
             rate_limit_unauthenticated: Rate::new(5, Duration::from_secs(1), 20),
             request_header_timeout: Duration::from_secs(10),
             request_body_timeout: Duration::from_secs(30),
+            console_port: None,
         }
     }
 }
@@ -151,6 +158,7 @@ impl fmt::Debug for PublisherConfig {
             )
             .field("request_header_timeout", &self.request_header_timeout)
             .field("request_body_timeout", &self.request_body_timeout)
+            .field("console_port", &self.console_port)
             .finish()
     }
 }

@@ -13,7 +13,7 @@ use std::{io, sync::Arc, time::Duration};
 use axum::{
     Json, Router,
     extract::{ConnectInfo, DefaultBodyLimit, Request, State},
-    http::{StatusCode, header},
+    http::{Method, StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -28,7 +28,9 @@ use hyper_util::{
     service::TowerToHyperService,
 };
 use tower_http::{
-    sensitive_headers::SetSensitiveRequestHeadersLayer, timeout::RequestBodyTimeoutLayer,
+    cors::{AllowOrigin, CorsLayer},
+    sensitive_headers::SetSensitiveRequestHeadersLayer,
+    timeout::RequestBodyTimeoutLayer,
     trace::TraceLayer,
 };
 
@@ -54,13 +56,26 @@ pub struct PublisherState {
 /// The publisher's routes: the API needs a key, health checks do not.
 pub fn app(state: Arc<PublisherState>) -> Router {
     let body_limit = state.config.max_body_bytes as usize;
-    let api = Router::new()
+    let mut publish = Router::new()
         .route("/v1/publish", post(publish::publish))
-        .route("/v1/tokens", post(auth::mint))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_key,
         ));
+    if let Some(port) = state.config.console_port {
+        // The 405 answer goes inside the CORS layer, so a preflight (OPTIONS) reaches it; and
+        // outside the key check, since a preflight carries no key.
+        publish = publish
+            .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+            .layer(console_cors(port));
+    }
+    let api = Router::new()
+        .route("/v1/tokens", post(auth::mint))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
+        .merge(publish);
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
@@ -96,6 +111,36 @@ pub fn app(state: Arc<PublisherState>) -> Router {
             header::COOKIE,
         ]))
         .with_state(state)
+}
+
+/// Lets the standalone console (served by the gateway on `port`, same host) call
+/// `/v1/publish` from the browser.
+fn console_cors(port: u16) -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(move |origin, request| {
+            let host = request
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<axum::http::uri::Authority>().ok());
+            console_origin(origin.to_str().unwrap_or(""), host.as_ref(), port)
+        }))
+        .allow_methods([Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, IDEMPOTENCY_KEY])
+        .max_age(Duration::from_secs(600))
+}
+
+const IDEMPOTENCY_KEY: header::HeaderName = header::HeaderName::from_static("idempotency-key");
+
+/// `origin` is `http(s)://<the host the publisher was reached by>:<port>`.
+fn console_origin(origin: &str, host: Option<&axum::http::uri::Authority>, port: u16) -> bool {
+    let (Ok(origin), Some(host)) = (origin.parse::<axum::http::Uri>(), host) else {
+        return false;
+    };
+    matches!(origin.scheme_str(), Some("http" | "https"))
+        && origin.path() == "/"
+        && origin.host() == Some(host.host())
+        && origin.port_u16() == Some(port)
 }
 
 /// Runs the publisher on `listener` until `shutdown` is cancelled; in-flight requests finish
@@ -210,4 +255,27 @@ async fn readyz(State(state): State<Arc<PublisherState>>) -> Response {
         StatusCode::OK
     };
     (status, Json(body)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_consoles_origin_may_publish_from_a_browser() {
+        let host = |h: &str| h.parse::<axum::http::uri::Authority>().ok();
+        let on = |origin: &str, h: &str| console_origin(origin, host(h).as_ref(), 8080);
+        assert!(on("http://127.0.0.1:8080", "127.0.0.1:8081"));
+        assert!(on("http://localhost:8080", "localhost:8081"));
+        assert!(on("https://box.lan:8080", "box.lan:8081"));
+        assert!(on("http://[::1]:8080", "[::1]:8081"));
+        // Another port, another host, or a page that is not the console's origin.
+        assert!(!on("http://127.0.0.1:3000", "127.0.0.1:8081"));
+        assert!(!on("http://evil.example:8080", "127.0.0.1:8081"));
+        assert!(!on("http://localhost:8080", "127.0.0.1:8081"));
+        assert!(!on("http://127.0.0.1", "127.0.0.1:8081"));
+        assert!(!on("null", "127.0.0.1:8081"));
+        assert!(!on("file://127.0.0.1:8080", "127.0.0.1:8081"));
+        assert!(!console_origin("http://127.0.0.1:8080", None, 8080));
+    }
 }
