@@ -3,7 +3,8 @@
 # parameters, and prints the figures as Markdown tables (BENCHMARKS.md is written from them).
 #
 #   loadtest/bench.sh            # every scenario
-#   loadtest/bench.sh a c f      # some of them: a b c d e f
+#   loadtest/bench.sh u a c      # some of them: u a b c d e f (u: unsaturated fan-out and
+#                                # the floor, the comparison BENCHMARKS.md leads with)
 #   EG=path/to/eventgate loadtest/bench.sh e   # another eventgate binary (an A/B of two builds)
 #
 # Needs redis-server, nginx and Debian's libnginx-mod-nchan. Everything listens on 127.0.0.1
@@ -17,7 +18,7 @@ REDIS_PORT=${REDIS_PORT:-16399}
 PUB_PORT=${PUB_PORT:-18081}
 GW_PORTS=(${GW_PORTS:-18080 18082 18083})
 NCHAN_PORT=${NCHAN_PORT:-18090}
-SCENARIOS=${*:-a b c d e f}
+SCENARIOS=${*:-u a b c d e f}
 
 for tool in redis-server nginx; do
   command -v "$tool" >/dev/null || { echo "bench needs $tool: apt-get install redis-server nginx libnginx-mod-nchan" >&2; exit 1; }
@@ -96,6 +97,18 @@ run() { # label, loadgen arguments...
 }
 
 for s in $SCENARIOS; do case $s in
+  u) # Below saturation, where most deployments run: each server against the floor, the CPU
+     # of one write per delivery to as many loopback sockets (loadgen floor), in the same run.
+     run "(u) 5k, 1 channel, 10/s" floor --connections 5000 --channels 1 --events 100 --rate 10
+     for transport in sse ws; do
+       run "(u) 5k, 1 channel, 10/s" $(eg_all) fanout $EGT --transport $transport --subscribers 5000 --channels 1 --rate 10 --events 100 --drain 30s
+       run "(u) 5k, 1 channel, 10/s" $(nchan_all) fanout $NCT --transport $transport --subscribers 5000 --channels 1 --rate 10 --events 100 --drain 30s
+     done
+     run "(u) 5k, 500 channels, 1,000/s" floor --connections 5000 --channels 500 --events 10000 --rate 1000
+     for transport in sse ws; do
+       run "(u) 5k, 500 channels, 1,000/s" $(eg_all) fanout $EGT --transport $transport --subscribers 5000 --channels 500 --rate 1000 --events 10000 --drain 30s
+       run "(u) 5k, 500 channels, 1,000/s" $(nchan_all) fanout $NCT --transport $transport --subscribers 5000 --channels 500 --rate 1000 --events 10000 --drain 30s
+     done ;;
   a) for t in eg nchan; do
        if [ $t = eg ]; then args="$(eg_all) fanout $EGT"; else args="$(nchan_all) fanout $NCT"; fi
        run "(a) 10k SSE, 1 channel, 50/s" $args --subscribers 10000 --channels 1 --rate 50 --events 500 --drain 60s
@@ -127,7 +140,7 @@ for s in $SCENARIOS; do case $s in
        if [ $t = eg ]; then args="$(eg_all) resume $EGT"; else args="$(nchan_all) resume $NCT"; fi
        run "(f) 2k clients resuming 1,000 behind" $args --clients 2000 --behind 1000
      done ;;
-  *) echo "unknown scenario $s (a b c d e f)" >&2; exit 64 ;;
+  *) echo "unknown scenario $s (u a b c d e f)" >&2; exit 64 ;;
 esac; done
 
 {

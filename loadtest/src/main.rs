@@ -1,6 +1,7 @@
 //! `loadgen`: drives eventgate (or nchan, to compare) with many subscribers on loopback and
 //! prints what it measured: deliveries, loss, duplicates, latency, memory and CPU.
 
+mod floor;
 mod net;
 mod publisher;
 mod report;
@@ -61,6 +62,18 @@ enum Scenario {
     Publish(PublishArgs),
     /// K clients reconnecting at once, E events behind.
     Resume(ResumeArgs),
+    /// The floor: one write per delivery to N loopback sockets, drained by a reader process.
+    Floor(FloorArgs),
+    /// (internal) The floor's reader process.
+    #[command(hide = true)]
+    FloorReader {
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        expected: u64,
+    },
     /// Prints the figures appended with `--json` as Markdown tables.
     Report {
         /// The JSON lines file.
@@ -73,6 +86,26 @@ enum Scenario {
         #[arg(long)]
         spec: String,
     },
+}
+
+#[derive(Args, Clone)]
+struct FloorArgs {
+    /// Sockets written to (subscribers).
+    #[arg(long, default_value_t = 5000)]
+    connections: usize,
+    /// Channels the sockets are spread over; each event is one write to each socket of its
+    /// channel.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Events, round-robin over the channels.
+    #[arg(long, default_value_t = 100)]
+    events: usize,
+    /// Events per second; 0: as fast as the writes go.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
+    /// Bytes per write: an SSE event of the fan-out scenarios' default payload is ~236.
+    #[arg(long, default_value_t = 236)]
+    bytes: usize,
 }
 
 #[derive(Args, Clone)]
@@ -234,6 +267,15 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match &cli.scenario {
         Scenario::Shard { spec } => return shards::run_child(spec).await,
+        Scenario::FloorReader {
+            addr,
+            connections,
+            expected,
+        } => {
+            raise_file_limit();
+            let sources = Sources::parse(&cli.source_ips)?;
+            return floor::reader(*addr, *connections, *expected, sources).await;
+        }
         Scenario::Report { input } => {
             print!("{}", report::markdown(&std::fs::read_to_string(input)?)?);
             return Ok(());
@@ -248,7 +290,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Scenario::Idle(args) => idle(&cli, args, sources).await?,
         Scenario::Publish(args) => publish_scenario(&cli, args, sources).await?,
         Scenario::Resume(args) => resume(&cli, args, sources).await?,
-        Scenario::Shard { .. } | Scenario::Report { .. } => return Ok(()),
+        Scenario::Floor(args) => {
+            let plan = floor::FloorPlan {
+                connections: args.connections,
+                channels: args.channels,
+                events: args.events,
+                rate: args.rate,
+                bytes: args.bytes,
+            };
+            floor::run(plan, &cli.source_ips).await?
+        }
+        Scenario::Shard { .. } | Scenario::Report { .. } | Scenario::FloorReader { .. } => {
+            return Ok(());
+        }
     };
     let own = cpu_time(std::process::id())
         .unwrap_or_default()

@@ -150,6 +150,33 @@ async fn every_scenario_runs_and_reports_exact_figures() {
     );
     assert_eq!(ws["lost"], 0);
 
+    // The floor: one write per delivery, every byte read back by its reader process.
+    let output = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--json", results.to_str().expect("path"), "floor"])
+        .args(["--connections", "200", "--channels", "4", "--events", "20"])
+        .args(["--rate", "0"])
+        .output()
+        .expect("run loadgen floor");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines = std::fs::read_to_string(&results).expect("results");
+    let floor: Value = serde_json::from_str(lines.lines().last().expect("a line")).expect("JSON");
+    assert_eq!(floor["target"], "floor");
+    assert_eq!(
+        floor["delivered"],
+        20 * 50,
+        "each event to its channel's 50 sockets"
+    );
+    assert!(
+        floor["server_cpu_us_per_delivery"]
+            .as_f64()
+            .is_some_and(|us| us >= 0.0),
+        "{floor}"
+    );
+
     let idle = run(&["idle", "--connections", "300", "--hold", "100ms"])
         .await
         .expect("join");
