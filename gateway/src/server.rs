@@ -41,7 +41,7 @@ use crate::{
     GatewayState,
     auth::cors_header_lines,
     error::{ApiError, WWW_AUTHENTICATE},
-    sse,
+    sse::{self, SseBody},
 };
 
 /// Most headers in a request head (hyper's limit too).
@@ -63,9 +63,10 @@ pub async fn serve(
             accepted = eventgate_core::serve::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
-        let (state, app) = (state.clone(), app.clone());
+        // Made here and moved in whole, so the task does not hold the arguments twice.
+        let serve = connection(stream, peer, state.clone(), app.clone());
         connections.spawn(async move {
-            if let Err(e) = connection(stream, peer, state, app).await {
+            if let Err(e) = serve.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
@@ -85,12 +86,45 @@ pub async fn serve(
     Ok(())
 }
 
-async fn connection(
-    mut stream: TcpStream,
+/// A connection's task. Its future is allocated once, at the size of its largest state, and
+/// lives as long as the stream: every phase but the streaming loop is boxed and freed when it
+/// ends, so an idle SSE stream's task holds little more than its loop (see docs/memory.md).
+#[allow(clippy::manual_async_fn)] // deliberate: see below
+fn connection(
+    stream: TcpStream,
     peer: SocketAddr,
     state: Arc<GatewayState>,
     app: Router,
-) -> io::Result<()> {
+) -> impl Future<Output = io::Result<()>> {
+    // Not an `async fn`, like `stream_sse`: its arguments are kept once.
+    async move {
+        // Each boxed future is bound first: a temporary lives to the end of its statement, so
+        // `Box::pin(f()).await` would keep room for the unboxed `f()` in this future too.
+        let read = Box::pin(read_request(stream, peer, &state));
+        let Some((stream, head)) = read.await? else {
+            return Ok(());
+        };
+        if let Some(request) = sse_request(&head) {
+            drop(head);
+            let open = Box::pin(open_sse(stream, peer, request, &state));
+            let Some((stream, body)) = open.await? else {
+                return Ok(());
+            };
+            let timeout = state.config.write_timeout;
+            drop(state);
+            return stream_sse(stream, body, timeout).await;
+        }
+        let http = Box::pin(hyper_connection(stream, head.freeze(), peer, state, app));
+        http.await
+    }
+}
+
+/// Reads the request head; `None` when the connection ended or was refused (answered here).
+async fn read_request(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: &GatewayState,
+) -> io::Result<Option<(TcpStream, BytesMut)>> {
     let mut head = BytesMut::with_capacity(1024);
     let config = &state.config;
     let max_head = config.max_header_bytes as usize;
@@ -101,20 +135,16 @@ async fn connection(
         Err(_) => Some(ApiError::RequestTimeout(timeout)),
         Ok(Err(e)) => return Err(e),
         Ok(Ok(false)) if head.len() >= max_head => Some(ApiError::HeadersTooLarge(max_head)),
-        Ok(Ok(false)) => return Ok(()),
+        Ok(Ok(false)) => return Ok(None),
         Ok(Ok(true)) => check_head(&head, config.max_url_bytes as usize, max_head),
     };
     if let Some(error) = refusal {
         tracing::info!(%peer, code = error.code(), "request refused before routing");
         let (status, json) = error.render();
-        return respond_and_close(&mut stream, status, Some(json), "", None).await;
+        respond_and_close(&mut stream, status, Some(json), "", None).await?;
+        return Ok(None);
     }
-    if let Some(request) = sse_request(&head) {
-        drop(head);
-        return native_sse(stream, peer, request, &state).await;
-    }
-    // Boxed so the (larger) hyper connection does not size every native SSE task.
-    Box::pin(hyper_connection(stream, head.freeze(), peer, state, app)).await
+    Ok(Some((stream, head)))
 }
 
 /// Serves a connection with hyper and the axum router, replaying `prefix` first.
@@ -253,35 +283,35 @@ fn sse_request(head: &[u8]) -> Option<SseRequest> {
     })
 }
 
-/// Serves one SSE stream on a connection of its own.
-async fn native_sse(
-    stream: TcpStream,
+/// Opens an SSE stream on a connection of its own and writes the response head; `None` when
+/// it was refused (answered here).
+async fn open_sse(
+    mut stream: TcpStream,
     peer: SocketAddr,
     request: SseRequest,
     state: &Arc<GatewayState>,
-) -> io::Result<()> {
-    let mut stream = stream;
+) -> io::Result<Option<(TcpStream, SseBody)>> {
     let cors = cors_header_lines(&request.headers, state.config.allowed_origins.as_deref());
     let client = state
         .admission
         .trusted
         .client_key(peer.ip(), &request.headers);
-    // Boxed and dropped once done: opening (auth, attach, first replay page) is a large future
-    // that an idle stream should not keep.
-    let opened = Box::pin(sse::open(
+    // Boxed and dropped once done: opening (auth, attach, first replay page) is a large future.
+    let opening = Box::pin(sse::open(
         state,
         client,
         request.query.as_deref(),
         &request.headers,
-    ))
-    .await;
-    let mut body = match opened {
+    ));
+    let opened = opening.await;
+    let body = match opened {
         Ok(body) => body,
         Err(error) => {
             let (status, json) = error.render();
             log_refusal(&request, status, &error);
             let retry = error.retry_after();
-            return respond_and_close(&mut stream, status, Some(json), &cors, retry).await;
+            respond_and_close(&mut stream, status, Some(json), &cors, retry).await?;
+            return Ok(None);
         }
     };
     drop(request);
@@ -290,59 +320,103 @@ async fn native_sse(
          x-accel-buffering: no\r\n{cors}transfer-encoding: chunked\r\n\r\n",
         httpdate::fmt_http_date(SystemTime::now())
     );
-    let timeout = state.config.write_timeout;
-    let (mut reader, mut writer) = stream.split();
-    write_with_timeout(&mut writer, head.as_bytes(), timeout).await?;
-    let mut scratch = [0u8; 64];
-    loop {
-        tokio::select! {
-            chunk = std::future::poll_fn(|cx| body.poll_chunk(cx)) => match chunk {
-                Some(data) => {
-                    if let Err(e) = write_chunk(&mut writer, &data, timeout).await {
+    write_with_timeout(&mut stream, head.as_bytes(), state.config.write_timeout).await?;
+    Ok(Some((stream, body)))
+}
+
+/// Writes the stream's events until it ends or the client leaves: the state an open SSE
+/// stream keeps for its whole life, so it is kept to the body, the socket and one write.
+///
+/// Not an `async fn`: those keep their arguments twice (rust-lang/rust#62958), and the body is
+/// the largest part of an idle stream.
+#[allow(clippy::manual_async_fn)] // deliberate: see above
+fn stream_sse(
+    mut stream: TcpStream,
+    mut body: SseBody,
+    timeout: Duration,
+) -> impl Future<Output = io::Result<()>> {
+    async move {
+        loop {
+            match std::future::poll_fn(|cx| poll_stream(&mut stream, &mut body, cx)).await {
+                Next::Chunk(data) => {
+                    // The common case is one `writev` that takes the whole chunk; only a
+                    // socket that cannot take it all arms the write timeout (boxed: it is
+                    // rare, and would otherwise take room in every stream's task).
+                    let written = match try_write_chunk(&mut stream, &data) {
+                        Ok(Some(rest)) => {
+                            let slow = Box::pin(write_with_timeout(&mut stream, &rest, timeout));
+                            slow.await
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = written {
                         body.ended_by("write_error");
                         return Err(e);
                     }
                 }
-                None => {
-                    write_with_timeout(&mut writer, b"0\r\n\r\n", timeout).await?;
-                    return Ok(());
+                Next::End => {
+                    let last = Box::pin(write_with_timeout(&mut stream, b"0\r\n\r\n", timeout));
+                    return last.await;
                 }
-            },
-            // The client sends nothing more; a read returning means it closed (or misbehaves).
-            read = reader.read(&mut scratch) => match read {
-                Ok(0) => return Ok(()),
-                Err(_) => {
+                Next::Closed => return Ok(()),
+                Next::ReadError => {
                     body.ended_by("read_error");
                     return Ok(());
                 }
-                Ok(_) => {}
             }
         }
     }
 }
 
-/// Writes one HTTP/1.1 chunk: size line, data, CRLF. The common case is one `writev` that
-/// takes everything; only a socket that cannot take it all arms the write timeout (a timer per
-/// event per client would cost more than the write).
-async fn write_chunk(
+/// What a stream does next.
+enum Next {
+    Chunk(Bytes),
+    /// The body ended: the last chunk, then the connection closes.
+    End,
+    /// The client closed the connection.
+    Closed,
+    ReadError,
+}
+
+/// The body's next chunk, or the client leaving. The client sends nothing more on this
+/// connection, so a read that returns means it closed (bytes it sends anyway are discarded).
+fn poll_stream(stream: &mut TcpStream, body: &mut SseBody, cx: &mut Context<'_>) -> Poll<Next> {
+    if let Poll::Ready(chunk) = body.poll_chunk(cx) {
+        return Poll::Ready(chunk.map_or(Next::End, Next::Chunk));
+    }
+    let mut scratch = [0u8; 64];
+    loop {
+        let mut buf = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Next::Closed),
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(_)) => return Poll::Ready(Next::ReadError),
+            Poll::Pending => return Poll::Pending,
+        }
+    }
+}
+
+/// Writes one HTTP/1.1 chunk (size line, data, CRLF) with one `writev`, if the socket takes it
+/// at once (a timer per event per client would cost more than the write). `Some(rest)`: what
+/// the socket did not take. Not async, so its buffers take no room in every stream's task.
+fn try_write_chunk(
     writer: &mut (impl AsyncWrite + Unpin),
     data: &[u8],
-    timeout: Duration,
-) -> io::Result<()> {
+) -> io::Result<Option<Vec<u8>>> {
     let mut line = [0u8; 20];
     let line_len = chunk_size_line(data.len(), &mut line);
     let parts: [&[u8]; 3] = [&line[..line_len], data, b"\r\n"];
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let slices = parts.map(io::IoSlice::new);
     let written = match writer.write_vectored(&slices).now_or_never() {
-        Some(Ok(n)) if n == total => return Ok(()),
+        Some(Ok(n)) if n == total => return Ok(None),
         Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
         Some(Ok(n)) => n,
         Some(Err(e)) => return Err(e),
         None => 0,
     };
-    let rest: Vec<u8> = parts.concat().split_off(written);
-    write_with_timeout(writer, &rest, timeout).await
+    Ok(Some(parts.concat().split_off(written)))
 }
 
 /// `{len:x}\r\n` into `out`; returns its length.
@@ -474,6 +548,24 @@ impl AsyncWrite for Prefixed {
 
 #[cfg(test)]
 mod tests {
+
+    /// The size of what `f` returns, without calling it.
+    fn returned<A, B, C, D, R>(_: impl Fn(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// An open stream's task is allocated once at its largest state's size and lives as long as
+    /// the stream, so this bounds every idle stream's memory (docs/memory.md). Opening phases
+    /// are boxed and freed; an `async fn` or `Box::pin(f()).await` here would grow it again.
+    #[test]
+    fn an_idle_sse_streams_task_stays_small() {
+        let task = returned(connection);
+        let body = std::mem::size_of::<SseBody>();
+        println!("connection task {task} bytes, of which SseBody {body}");
+        assert!(task <= 800, "connection task: {task} bytes");
+        assert!(body <= 360, "SseBody: {body} bytes");
+    }
+
     use super::*;
 
     #[test]

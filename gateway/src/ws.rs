@@ -163,42 +163,47 @@ impl WsConnection {
         }
     }
 
-    async fn run(mut self) {
-        let ending = match self.serve().await {
-            Ok(()) => Ending::quiet("client"),
-            Err(ending) => ending,
-        };
-        if let Some((code, reason)) = ending.close {
-            let frame = CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
+    /// Not an `async fn`: those keep their arguments twice (rust-lang/rust#62958), and the
+    /// connection is most of an idle WebSocket's task.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self) -> impl Future<Output = ()> {
+        async move {
+            let ending = match self.serve().await {
+                Ok(()) => Ending::quiet("client"),
+                Err(ending) => ending,
             };
-            // The closing handshake: send our close, then read until the peer's (it may first
-            // flush pongs) so it sees the code instead of a reset connection. Bounded: a dead
-            // peer never answers.
-            let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                self.socket.send(Message::Close(Some(frame))).await?;
-                while let Some(message) = self.socket.recv().await {
-                    if let Message::Close(_) = message? {
-                        break;
+            if let Some((code, reason)) = ending.close {
+                let frame = CloseFrame {
+                    code,
+                    reason: Utf8Bytes::from_static(reason),
+                };
+                // The closing handshake: send our close, then read until the peer's (it may first
+                // flush pongs) so it sees the code instead of a reset connection. Bounded: a dead
+                // peer never answers.
+                let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                    self.socket.send(Message::Close(Some(frame))).await?;
+                    while let Some(message) = self.socket.recv().await {
+                        if let Message::Close(_) = message? {
+                            break;
+                        }
                     }
-                }
-                Ok::<_, axum::Error>(())
-            })
-            .await;
+                    Ok::<_, axum::Error>(())
+                })
+                .await;
+            }
+            Stats::add(&self.state.stats.events_delivered, self.uncounted);
+            crate::metrics::EndReason::count(&self.state.stats, ending.why);
+            tracing::info!(
+                client = self.session.client,
+                connection_id = %self.id,
+                transport = "websocket",
+                channels = self.floors.len(),
+                events = self.sent,
+                duration_ms = self.opened.elapsed().as_millis() as u64,
+                end = ending.why,
+                "stream closed"
+            );
         }
-        Stats::add(&self.state.stats.events_delivered, self.uncounted);
-        crate::metrics::EndReason::count(&self.state.stats, ending.why);
-        tracing::info!(
-            client = self.session.client,
-            connection_id = %self.id,
-            transport = "websocket",
-            channels = self.floors.len(),
-            events = self.sent,
-            duration_ms = self.opened.elapsed().as_millis() as u64,
-            end = ending.why,
-            "stream closed"
-        );
     }
 
     async fn serve(&mut self) -> Step {
@@ -230,7 +235,11 @@ impl WsConnection {
                         Some(Err(e)) => return Err(receive_error(e)),
                         // Boxed: subscribing (attach, replay) is a large future, and inlined
                         // here it would make every idle connection's task that large.
-                        Some(Ok(Message::Text(text))) => Box::pin(self.on_text(&text)).await?,
+                        // Bound first: a temporary would keep room for the unboxed future.
+                        Some(Ok(Message::Text(text))) => {
+                            let handling = Box::pin(self.on_text(&text));
+                            handling.await?
+                        }
                         Some(Ok(Message::Binary(_))) => {
                             return Err(Ending::close(
                                 code::UNSUPPORTED_DATA,
