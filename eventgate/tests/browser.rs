@@ -55,6 +55,29 @@ struct Driver {
 }
 
 impl Driver {
+    /// Runs `clients/js/e2e/{script}` in Node with `env` (and Chromium's path).
+    fn start(script: &str, env: &[(&str, &std::ffi::OsStr)]) -> Self {
+        let mut child = tokio::process::Command::new("node")
+            .arg(repo().join("clients/js/e2e").join(script))
+            .envs(env.iter().copied())
+            .env("CHROMIUM", chromium())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node");
+        let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        Self { child, lines }
+    }
+
+    /// The driver's next line, within 90 s.
+    async fn next(&mut self, what: &str) -> String {
+        tokio::time::timeout(Duration::from_secs(90), self.lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("read")
+            .expect("a line")
+    }
     async fn ask(&mut self, command: &str) -> String {
         let stdin = self.child.stdin.as_mut().expect("stdin");
         stdin
@@ -106,7 +129,8 @@ async fn the_client_package_in_chromium_gets_every_event_once_through_restarts_e
         js.join("node_modules/puppeteer-core").exists() && js.join("dist/index.js").exists(),
         "run `npm ci && npm test` in clients/js first (scripts/test does)"
     );
-    let chromium = chromium();
+    // Fails early, saying how to install it.
+    let _ = chromium();
     let mut deployment = process::Deployment::start(
         2,
         &[
@@ -124,26 +148,18 @@ async fn the_client_package_in_chromium_gets_every_event_once_through_restarts_e
 
     // Tokens of 4 s, minted by the driver as an app's backend would: they run out during the
     // run, so SSE streams end with `expired` and WebSockets refresh.
-    let mut child = tokio::process::Command::new("node")
-        .arg(js.join("e2e/driver.mjs"))
-        .env("EVENTGATE_ORIGIN", &deployment.nginx.url)
-        .env("EVENTGATE_PUBLISHER", &deployment.publisher.url)
-        .env("EVENTGATE_PUBLISHER_KEY", TEST_PUBLISHER_KEY)
-        .env("TOKEN_TTL_SECONDS", "4")
-        .env("CHANNELS", CHANNELS.join(","))
-        .env("CHROMIUM", chromium)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node");
-    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut driver = Driver { child, lines };
-    let ready = tokio::time::timeout(Duration::from_secs(90), driver.lines.next_line())
-        .await
-        .expect("the pages connect")
-        .expect("read");
-    assert_eq!(ready.as_deref(), Some("ready"));
+    let channels = CHANNELS.join(",");
+    let mut driver = Driver::start(
+        "driver.mjs",
+        &[
+            ("EVENTGATE_ORIGIN", deployment.nginx.url.as_ref()),
+            ("EVENTGATE_PUBLISHER", deployment.publisher.url.as_ref()),
+            ("EVENTGATE_PUBLISHER_KEY", TEST_PUBLISHER_KEY.as_ref()),
+            ("TOKEN_TTL_SECONDS", "4".as_ref()),
+            ("CHANNELS", channels.as_ref()),
+        ],
+    );
+    assert_eq!(driver.next("the pages connect").await, "ready");
 
     // Each gateway killed (`kill -9`) and started again in turn, while publishing.
     let http = reqwest::Client::new();
@@ -301,23 +317,14 @@ async fn the_standalone_console_shows_and_publishes_events_in_chromium() {
 
     let screenshot = repo().join("target/console.png");
     let _ = std::fs::remove_file(&screenshot);
-    let mut child = tokio::process::Command::new("node")
-        .arg(js.join("e2e/console.mjs"))
-        .env("CONSOLE_URL", &console_url)
-        .env("SCREENSHOT", &screenshot)
-        .env("CHROMIUM", chromium())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node");
-    let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut driver = Driver { child, lines };
-    let first = tokio::time::timeout(Duration::from_secs(90), driver.lines.next_line())
-        .await
-        .expect("the console connects and publishes")
-        .expect("read")
-        .expect("a line");
+    let mut driver = Driver::start(
+        "console.mjs",
+        &[
+            ("CONSOLE_URL", console_url.as_ref()),
+            ("SCREENSHOT", screenshot.as_os_str()),
+        ],
+    );
+    let first = driver.next("the console connects and publishes").await;
     let from_page = first
         .strip_prefix("published ")
         .unwrap_or_else(|| panic!("{first}"))

@@ -727,3 +727,20 @@ fn parse_subscribe(message: &Value) -> Result<(Channel, Option<u64>), ApiError> 
         .map_err(|e| ApiError::bad_request("invalid_since", e.to_string()))?;
     Ok((channel, since))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A WebSocket's task holds this future for its whole life (docs/memory.md): subscribing
+    /// and replaying are boxed, and `run` keeps the connection once.
+    #[test]
+    fn an_idle_websockets_task_stays_small() {
+        fn returned<A, R>(_: impl Fn(A) -> R) -> usize {
+            std::mem::size_of::<R>()
+        }
+        let task = returned(WsConnection::run);
+        println!("WebSocket task {task} bytes");
+        assert!(task <= 1100, "WebSocket task: {task} bytes");
+    }
+}
