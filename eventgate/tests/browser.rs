@@ -407,6 +407,20 @@ async fn the_standalone_console_shows_and_publishes_events_in_chromium() {
         png.len()
     );
     println!("screenshot: {} ({} bytes)", screenshot.display(), png.len());
+
+    // A link naming another publisher drops the saved key and token, and the publisher it
+    // names is taken only for its port, on the page's own host.
+    let line = driver.ask("crafted").await;
+    let crafted: Value =
+        serde_json::from_str(line.strip_prefix("crafted ").expect("crafted")).expect("JSON");
+    println!("crafted link: {crafted}");
+    assert_eq!(crafted["publish_form_hidden"], true, "{crafted}");
+    assert_eq!(crafted["kept"].get("key"), None, "{crafted}");
+    assert_eq!(crafted["kept"].get("token"), None, "{crafted}");
+    assert_eq!(
+        crafted["kept"]["publisher"], "http://127.0.0.1:9",
+        "{crafted}"
+    );
     let _ = tokio::time::timeout(Duration::from_secs(10), driver.child.wait()).await;
 
     let pid = server.id().expect("running").to_string();

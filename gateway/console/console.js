@@ -12,11 +12,28 @@ const MAX_ROWS = 500;
 const settings = JSON.parse(sessionStorage.getItem(SETTINGS) ?? '{}');
 if (location.hash.length > 1) {
   const given = new URLSearchParams(location.hash.slice(1));
-  for (const name of ['token', 'key', 'publisher', 'channels']) {
+  // A new address replaces the credentials saved in this tab: none carry over to another link.
+  for (const name of ['token', 'key', 'publisher']) delete settings[name];
+  for (const name of ['token', 'key', 'channels']) {
     if (given.has(name)) settings[name] = given.get(name);
   }
+  const publisher = onThisHost(given.get('publisher'));
+  if (publisher) settings.publisher = publisher;
   sessionStorage.setItem(SETTINGS, JSON.stringify(settings));
   history.replaceState(null, '', location.pathname + location.search);
+}
+
+/** The publisher's address on the host this page came from: only its port is taken from the
+ * link, so a crafted link cannot send the key to another host. */
+function onThisHost(text) {
+  try {
+    const url = new URL(text);
+    if (url.protocol !== location.protocol) return undefined;
+    url.hostname = location.hostname;
+    return url.origin;
+  } catch {
+    return undefined;
+  }
 }
 if (settings.token) $('token').value = settings.token;
 if (settings.channels) $('channels').value = settings.channels;
@@ -117,6 +134,7 @@ $('publish').addEventListener('submit', async (event) => {
   event.preventDefault();
   const result = $('publish-result');
   result.className = 'muted';
+  result.dataset.id = '';
   let data;
   try {
     data = JSON.parse($('publish-data').value);
@@ -148,5 +166,5 @@ $('publish').addEventListener('submit', async (event) => {
   }
 });
 
-// With a token (or channels) in hand, connect at once.
-if (settings.token) $('connect').requestSubmit();
+// With a token, or channels from an earlier visit (a cookie login), connect at once.
+if (settings.token || settings.channels) $('connect').requestSubmit();

@@ -140,7 +140,11 @@ fn console_origin(origin: &str, host: Option<&axum::http::uri::Authority>, port:
     matches!(origin.scheme_str(), Some("http" | "https"))
         && origin.path() == "/"
         && origin.host() == Some(host.host())
-        && origin.port_u16() == Some(port)
+        // A browser leaves a scheme's default port out of `Origin`.
+        && origin.port_u16().or(match origin.scheme_str() {
+            Some("https") => Some(443),
+            _ => Some(80),
+        }) == Some(port)
 }
 
 /// Runs the publisher on `listener` until `shutdown` is cancelled; in-flight requests finish
@@ -277,5 +281,12 @@ mod tests {
         assert!(!on("null", "127.0.0.1:8081"));
         assert!(!on("file://127.0.0.1:8080", "127.0.0.1:8081"));
         assert!(!console_origin("http://127.0.0.1:8080", None, 8080));
+        // A gateway on a scheme's default port: the browser sends no port.
+        let on_port =
+            |origin: &str, port| console_origin(origin, host("box.lan:8081").as_ref(), port);
+        assert!(on_port("http://box.lan", 80));
+        assert!(on_port("https://box.lan", 443));
+        assert!(!on_port("http://box.lan", 443));
+        assert!(!on_port("http://box.lan", 8080));
     }
 }

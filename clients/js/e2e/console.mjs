@@ -8,6 +8,8 @@
 //   -> open
 //   <- screenshot          save a screenshot (SCREENSHOT) and report what the page shows
 //   -> result {json}
+//   <- crafted             open the console from a link that names another publisher and no key
+//   -> crafted {json}      whether the publish form shows and what the tab kept
 import { createInterface } from 'node:readline';
 import puppeteer from 'puppeteer-core';
 
@@ -73,6 +75,17 @@ try {
         position: document.getElementById('position').textContent,
       }));
       console.log(`result ${JSON.stringify({ ...result, errors })}`);
+    } else if (command === 'crafted') {
+      // Another site first (the tab keeps its sessionStorage), then the link: a new document.
+      const here = new URL(page.url());
+      await page.goto('about:blank');
+      await page.goto(`${here.origin}/console#publisher=http://127.0.0.9:9`);
+      await page.waitForFunction(() => location.hash === '', { timeout });
+      const crafted = await page.evaluate(() => ({
+        publish_form_hidden: document.getElementById('publish-panel').hidden,
+        kept: JSON.parse(sessionStorage.getItem('eventgate-console') ?? '{}'),
+      }));
+      console.log(`crafted ${JSON.stringify(crafted)}`);
       break;
     }
   }
