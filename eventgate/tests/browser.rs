@@ -246,6 +246,18 @@ async fn the_client_package_in_chromium_gets_every_event_once_through_restarts_e
             trimmed.len()
         );
     }
+
+    // The hook follows its channels and closes on unmount.
+    let line = driver.ask("lifecycle").await;
+    let lifecycle: Value =
+        serde_json::from_str(line.strip_prefix("lifecycle ").expect("lifecycle")).expect("JSON");
+    println!("react lifecycle: {lifecycle}");
+    assert_eq!(
+        lifecycle["changed"],
+        json!([["user:42"]]),
+        "one stream, new channels"
+    );
+    assert_eq!(lifecycle["unmounted"], json!([]), "closed on unmount");
     drop(driver.child.stdin.take());
     let _ = tokio::time::timeout(Duration::from_secs(10), driver.child.wait()).await;
 }

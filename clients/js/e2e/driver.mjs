@@ -39,9 +39,16 @@ const reactApp = `
 import { createElement as h, useEffect, useState } from 'react';
 import { createRoot } from 'react-dom/client';
 import { useEventgate } from './dist/react.js';
-const channels = new URLSearchParams(location.search).get('channels').split(',');
+const initial = new URLSearchParams(location.search).get('channels').split(',');
 window.resets = []; window.statuses = [];
-function Events() {
+// The page's open EventSources, to see the hook close what it no longer needs.
+const Native = window.EventSource;
+window.liveSources = new Set();
+window.EventSource = class extends Native {
+  constructor(url, init) { super(url, init); window.liveSources.add(this); }
+  close() { window.liveSources.delete(this); super.close(); }
+};
+function Events({ channels }) {
   const { status, lastEvent, subscribe } = useEventgate(channels, {
     url: '',
     getToken: () => window.eventgateToken(),
@@ -61,7 +68,14 @@ Object.defineProperty(window, 'received', {
   get: () => [...document.querySelectorAll('li')].map((li) => [li.dataset.channel, li.textContent]),
 });
 window.subscription = { get status() { return document.getElementById('status')?.dataset.status; } };
-createRoot(document.getElementById('root')).render(h(Events));
+const root = createRoot(document.getElementById('root'));
+function App() {
+  const [channels, setChannels] = useState(initial);
+  window.setChannels = setChannels;
+  return h(Events, { channels });
+}
+root.render(h(App));
+window.unmount = () => root.unmount();
 `;
 const bundled = await esbuild.build({
   stdin: { contents: reactApp, resolveDir: fileURLToPath(new URL('..', import.meta.url)), loader: 'js' },
@@ -149,6 +163,24 @@ try {
   console.log('ready');
   for await (const line of createInterface({ input: process.stdin })) {
     const [command, arg] = line.split(' ');
+    if (command === 'lifecycle') {
+      // The React page changes its channels, then unmounts: one stream for the new channels,
+      // then none.
+      const page = pages.react;
+      const streams = () => page.evaluate(() =>
+        [...window.liveSources].map((s) => new URL(s.url).searchParams.getAll('channel')));
+      await page.evaluate(() => window.setChannels(['user:42']));
+      await page
+        .waitForFunction(() => window.liveSources.size === 1 &&
+          new URL([...window.liveSources][0].url).searchParams.getAll('channel').join() === 'user:42',
+          { timeout: 30000, polling: 100 })
+        .catch(() => {});
+      const changed = await streams();
+      await page.evaluate(() => window.unmount());
+      const unmounted = await streams();
+      console.log(`lifecycle ${JSON.stringify({ changed, unmounted })}`);
+      continue;
+    }
     if (command === 'resets') {
       // Wait until each page has had `arg` resets.
       for (const page of Object.values(pages)) {

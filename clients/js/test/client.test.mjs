@@ -170,6 +170,15 @@ test('SSE: a ticket per connection, events by name, and exact resume after an er
   assert.equal(client.status, 'closed');
 });
 
+test('a reload resumes from the position kept in storage', async () => {
+  const storage = new MemoryStorage();
+  storage.setItem('eventgate:orders,user:42', '102');
+  const { client } = sse({ options: { storage } });
+  await settle();
+  assert.equal(FakeEventSource.all[0].url.searchParams.get('last_event_id'), '102');
+  client.close();
+});
+
 test('SSE: a handler added later gets its named events', async () => {
   const { client } = sse();
   await settle();
