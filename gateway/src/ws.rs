@@ -79,7 +79,7 @@ pub async fn upgrade(
     Ok(upgrade
         // tungstenite zero-fills its read buffer (128 KiB by default) on every connection;
         // client messages are small, so read in 1 KiB steps (a larger message still fits).
-        .read_buffer_size(1024)
+        .read_buffer_size(256)
         .write_buffer_size(8 * 1024)
         .max_message_size(limit)
         .max_frame_size(limit)
