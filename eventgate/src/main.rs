@@ -202,7 +202,7 @@ fn main() -> ExitCode {
 
 /// glibc gives each thread that allocates its own heap ("arena"), up to eight per core, and each
 /// keeps its own free space: on two cores that was a seventh of an idle stream's memory
-/// (BENCHMARKS.md). One arena per core, unless `MALLOC_ARENA_MAX` says otherwise; threads keep
+/// (BENCHMARKS.md). One arena per core (at least two), unless `MALLOC_ARENA_MAX` says otherwise; threads keep
 /// their lock-free caches for small allocations. Must run before the runtime's threads start.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

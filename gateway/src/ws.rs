@@ -77,8 +77,9 @@ pub async fn upgrade(
     let session = state.new_session(Transport::WebSocket, slot)?;
     let limit = state.config.ws_max_message_bytes as usize;
     Ok(upgrade
-        // tungstenite zero-fills its read buffer (128 KiB by default) on every connection;
-        // client messages are small, so read in 1 KiB steps (a larger message still fits).
+        // tungstenite zero-fills its read buffer (128 KiB by default) on every connection and
+        // keeps it: client messages are small, so read in 256-byte steps (a larger message
+        // still fits; the buffer grows for it).
         .read_buffer_size(256)
         .write_buffer_size(8 * 1024)
         .max_message_size(limit)
