@@ -109,17 +109,22 @@ for s in $SCENARIOS; do case $s in
        run "(u) 5k, 500 channels, 1,000/s" $(eg_all) fanout $EGT --transport $transport --subscribers 5000 --channels 500 --rate 1000 --events 10000 --drain 30s
        run "(u) 5k, 500 channels, 1,000/s" $(nchan_all) fanout $NCT --transport $transport --subscribers 5000 --channels 500 --rate 1000 --events 10000 --drain 30s
      done ;;
-  a) for t in eg nchan; do
+  a) # The floor beside every fan-out figure: the same writes, the kernel alone.
+     run "(a) 10k SSE, 1 channel, 50/s" floor --connections 10000 --channels 1 --events 500 --rate 50
+     run "(a) 10k SSE, 1 channel, 10/s" floor --connections 10000 --channels 1 --events 100 --rate 10
+     for t in eg nchan; do
        if [ $t = eg ]; then args="$(eg_all) fanout $EGT"; else args="$(nchan_all) fanout $NCT"; fi
        run "(a) 10k SSE, 1 channel, 50/s" $args --subscribers 10000 --channels 1 --rate 50 --events 500 --drain 60s
        # The same at a rate this machine can serve with the generator on it: latency unsaturated.
        run "(a) 10k SSE, 1 channel, 10/s" $args --subscribers 10000 --channels 1 --rate 10 --events 100 --drain 60s
      done ;;
-  b) for t in eg nchan; do
+  b) run "(b) 10k SSE, 1,000 channels, 1,000/s" floor --connections 10000 --channels 1000 --events 10000 --rate 1000
+     for t in eg nchan; do
        if [ $t = eg ]; then args="$(eg_all) fanout $EGT"; else args="$(nchan_all) fanout $NCT"; fi
        run "(b) 10k SSE, 1,000 channels, 1,000/s" $args --subscribers 10000 --channels 1000 --rate 1000 --events 10000 --drain 30s
      done ;;
-  c) for t in eg nchan; do
+  c) run "(c) 1k SSE, 1 channel, full speed" floor --connections 1000 --channels 1 --events 5000 --rate 0
+     for t in eg nchan; do
        if [ $t = eg ]; then args="$(eg_all) fanout $EGT"; else args="$(nchan_all) fanout $NCT"; fi
        run "(c) 1k SSE, 1 channel, full speed" $args --subscribers 1000 --channels 1 --rate 0 --events 5000 --window 20 --drain 30s
      done ;;
