@@ -570,3 +570,130 @@ async fn resume_with_since_is_exact_while_publishing_and_reconnecting(backend: B
         assert_delivered(backend, &received, &expected, "every event once");
     }
 }
+
+/// Reads one response head (and its `content-length` body) from a raw connection.
+async fn read_response(tcp: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let head_end = loop {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(SOON, tcp.read(&mut byte))
+            .await
+            .expect("a response in time")
+            .expect("read");
+        assert_eq!(n, 1, "connection closed mid-head: {buf:?}");
+        buf.push(byte[0]);
+        if buf.ends_with(b"\r\n\r\n") {
+            break buf.len();
+        }
+    };
+    let head = String::from_utf8(buf[..head_end].to_vec()).expect("text head");
+    let length = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_owned)
+        })
+        .map_or(0, |n| n.trim().parse().expect("length"));
+    let mut body = vec![0u8; length];
+    tcp.read_exact(&mut body).await.expect("body");
+    (head, body)
+}
+
+/// The gateway serves a connection's first request itself and hands later ones to the router:
+/// a handshake works on either path, a client's first frame sent with its handshake is read,
+/// and a request to /v1/ws that is not a WebSocket handshake gets a JSON error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshakes_work_on_first_and_reused_connections() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::{
+        MaybeTlsStream, WebSocketStream,
+        tungstenite::{client::IntoClientRequest, protocol::Role},
+    };
+    let stack = Stack::start(Backend::Memory).await;
+    let url = stack.ws_url(0);
+    let addr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/v1/ws")
+        .to_owned();
+    let bearer = format!("Bearer {}", test_token());
+
+    // A reused keep-alive connection: /healthz first, then the handshake, through the router.
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, _) = read_response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut request = url.as_str().into_client_request().expect("request");
+    request
+        .headers_mut()
+        .insert("authorization", bearer.parse().expect("header"));
+    let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp))
+        .await
+        .expect("a handshake on a reused connection upgrades");
+    let mut reused = WsClient {
+        stream,
+        hello: serde_json::Value::Null,
+    };
+    reused.hello = reused.next_json(SOON).await.expect("connected");
+    assert_eq!(reused.hello["type"], "connected");
+    reused.subscribe("orders", None).await;
+    let id = stack.publish_one("orders", json!(1)).await;
+    assert_eq!(event_id(&reused.expect_events(1).await[0]), id);
+
+    // A first request with a frame right behind the handshake, in one write.
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut bytes = format!(
+        "GET /v1/ws HTTP/1.1\r\nhost: gw\r\nconnection: Upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         authorization: {bearer}\r\n\r\n"
+    )
+    .into_bytes();
+    let ping = br#"{"type":"ping","id":7}"#;
+    let mask = [1u8, 2, 3, 4];
+    bytes.extend_from_slice(&[0x81, 0x80 | ping.len() as u8]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(ping.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    tcp.write_all(&bytes).await.expect("write");
+    let (head, _) = read_response(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "the RFC 6455 example key's answer: {head}"
+    );
+    let mut client = WsClient {
+        stream: WebSocketStream::from_raw_socket(MaybeTlsStream::Plain(tcp), Role::Client, None)
+            .await,
+        hello: serde_json::Value::Null,
+    };
+    assert_eq!(
+        client.next_json(SOON).await.expect("hello")["type"],
+        "connected"
+    );
+    assert_eq!(
+        client.next_json(SOON).await.expect("pong"),
+        json!({"type": "pong", "id": 7})
+    );
+
+    // Not a handshake (no key): a JSON error, on a first request and on a reused one.
+    let bad = format!(
+        "GET /v1/ws HTTP/1.1\r\nhost: gw\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-version: 13\r\nauthorization: {bearer}\r\n\r\n"
+    );
+    let mut tcp = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    for _ in 0..2 {
+        tcp.write_all(bad.as_bytes()).await.expect("write");
+        let (head, body) = read_response(&mut tcp).await;
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+        let error: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(error["error"]["code"], "websocket_handshake", "{error}");
+    }
+}

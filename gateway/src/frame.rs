@@ -2,9 +2,9 @@
 
 use std::sync::OnceLock;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::{BufMut, Bytes, BytesMut};
 use eventgate_core::{Channel, Event, GapReason, event::BodyError};
+use tungstenite::Utf8Bytes;
 
 /// One event, ready to write: every local subscriber gets a clone of the same bytes.
 #[derive(Debug)]

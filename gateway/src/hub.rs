@@ -4,18 +4,24 @@
 //! the same `Arc<Frame>` into each subscriber's queue. A queue that is full marks its client
 //! slow: the queue is emptied at once (memory is released even if the socket is stuck), the
 //! client is removed, and its writer ends the stream so the browser resumes from its last id.
+//!
+//! An SSE stream the gateway writes itself also lends the hub its socket: while its writer
+//! waits with nothing queued, the hub writes an event straight to the socket when the socket
+//! takes it at once (see [`Direct`]), which saves a wake-up, a schedule and a poll per delivery.
 
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
-        Arc, Mutex, MutexGuard, PoisonError,
+        Arc, Mutex, MutexGuard, OnceLock, PoisonError,
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
+    time::{Duration, Instant},
 };
 
 use eventgate_core::{Channel, GapReason, Shards};
 use futures::task::AtomicWaker;
+use tokio::net::TcpStream;
 
 use crate::{frame::Frame, live::LiveSenders};
 
@@ -23,6 +29,9 @@ use crate::{frame::Frame, live::LiveSenders};
 #[derive(Debug, Clone)]
 pub enum Delivery {
     Event(Arc<Frame>),
+    /// The rest of an SSE event the hub began writing to the socket (it took only part):
+    /// written first, as is. (A boxed slice, not `Bytes`: it keeps every delivery 24 bytes.)
+    Rest(Box<[u8]>),
     /// Everything up to this seq of the shard, on the client's channels, is already in its
     /// queue.
     Position {
@@ -80,6 +89,8 @@ pub struct ClientQueue {
     state: Mutex<QueueState>,
     waker: AtomicWaker,
     capacity: usize,
+    /// The socket of an SSE stream the gateway writes itself, shared with its writer.
+    socket: OnceLock<TcpStream>,
 }
 
 struct QueueState {
@@ -87,6 +98,37 @@ struct QueueState {
     closed: Option<CloseReason>,
     /// Events discarded when the queue closed (the client gets them on resume).
     dropped_events: u64,
+    /// Set while the writer waits with nothing queued: the hub may write to the socket.
+    direct: Option<Direct>,
+}
+
+/// A waiting SSE writer's leave for the hub to write its events straight to the socket.
+///
+/// Only for a stream on one shard, with no replay running and nothing queued or half written:
+/// then an event's bytes are the frame's shared bytes as they are, and the only state to keep
+/// is the position. The hub writes only what the socket takes at once, under the queue's lock;
+/// the writer takes the leave back (with the position) before it writes anything itself, so
+/// the two never interleave. An event the socket takes only in part leaves its rest at the
+/// front of the queue; one it does not take at all is queued as usual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Direct {
+    pub shard: usize,
+    /// The stream's position on `shard`: events at or below it were replayed already.
+    pub floor: u64,
+    /// Events the hub wrote since the writer last looked.
+    pub written: u64,
+}
+
+/// What became of an event handed to a client's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pushed {
+    Queued,
+    /// Written straight to the socket.
+    Written,
+    /// Dropped: the stream's replay sent it already.
+    Duplicate,
+    /// The queue was full (it is now closed as slow) or closed.
+    Refused,
 }
 
 impl ClientQueue {
@@ -96,9 +138,55 @@ impl ClientQueue {
                 items: VecDeque::new(),
                 closed,
                 dropped_events: 0,
+                direct: None,
             }),
             waker: AtomicWaker::new(),
             capacity,
+            socket: OnceLock::new(),
+        }
+    }
+
+    /// Shares the stream's socket with the hub; its writer then reaches it through
+    /// [`ClientQueue::socket`]. Gives it back if one is attached already.
+    pub fn attach_socket(&self, socket: TcpStream) -> Result<(), TcpStream> {
+        self.socket.set(socket)
+    }
+
+    pub fn socket(&self) -> Option<&TcpStream> {
+        self.socket.get()
+    }
+
+    /// Hands `frame` to the client: straight to the socket if `direct` and the writer lets it
+    /// (see [`Direct`]), queued otherwise.
+    fn push_event(&self, frame: &Arc<Frame>, direct: bool) -> Pushed {
+        let mut state = self.lock();
+        let writable = direct
+            && state.closed.is_none()
+            && state.items.is_empty()
+            && state.direct.is_some_and(|d| d.shard == frame.shard);
+        let (Some(socket), Some(direct), true) =
+            (self.socket.get(), state.direct.as_mut(), writable)
+        else {
+            return self.push_locked(state, Delivery::Event(frame.clone()));
+        };
+        if frame.seq() <= direct.floor {
+            return Pushed::Duplicate;
+        }
+        match crate::server::try_write_chunk(socket, &frame.sse) {
+            Ok(None) => {
+                direct.floor = frame.seq();
+                direct.written += 1;
+                Pushed::Written
+            }
+            // Part went out: the rest goes first, written by the writer.
+            Ok(Some(rest)) if rest.len() < crate::server::chunk_len(frame.sse.len()) => {
+                direct.floor = frame.seq();
+                direct.written += 1;
+                self.push_locked(state, Delivery::Rest(rest.into_boxed_slice()));
+                Pushed::Written
+            }
+            // Nothing went out (a full socket, or an error the writer will meet): queued.
+            _ => self.push_locked(state, Delivery::Event(frame.clone())),
         }
     }
 
@@ -108,15 +196,18 @@ impl ClientQueue {
 
     /// Queues `item`; `false` when the queue was full (it is now closed as slow) or closed.
     fn push(&self, item: Delivery) -> bool {
-        let mut state = self.lock();
+        self.push_locked(self.lock(), item) != Pushed::Refused
+    }
+
+    fn push_locked(&self, mut state: MutexGuard<'_, QueueState>, item: Delivery) -> Pushed {
         if state.closed.is_some() {
-            return false;
+            return Pushed::Refused;
         }
         if state.items.len() >= self.capacity {
             state.dropped_events += u64::from(matches!(item, Delivery::Event(_)));
             drop(state);
             self.close(CloseReason::Slow);
-            return false;
+            return Pushed::Refused;
         }
         let was_empty = state.items.is_empty();
         state.items.push_back(item);
@@ -124,7 +215,7 @@ impl ClientQueue {
         if was_empty {
             self.waker.wake();
         }
-        true
+        Pushed::Queued
     }
 
     /// Closes the queue and drops what it holds; the writer sees `reason` next.
@@ -133,7 +224,11 @@ impl ClientQueue {
         if state.closed.is_none() {
             state.closed = Some(reason);
         }
-        let dropped = std::mem::take(&mut state.items);
+        let mut dropped = std::mem::take(&mut state.items);
+        // The rest of a half-written event stays: the stream's framing needs it whole.
+        if let Some(Delivery::Rest(_)) = dropped.front() {
+            state.items.extend(dropped.pop_front());
+        }
         state.dropped_events += dropped
             .iter()
             .filter(|d| matches!(d, Delivery::Event(_)))
@@ -155,17 +250,43 @@ impl ClientQueue {
         cx: &mut Context<'_>,
         out: &mut VecDeque<Delivery>,
     ) -> Poll<Result<(), CloseReason>> {
+        self.poll_recv_direct(cx, out, None).map_ok(|_| ())
+    }
+
+    /// [`ClientQueue::poll_recv`] for a writer that lends the hub its socket: `offer` (the
+    /// writer's position, when it may) is installed while it waits, and what the hub wrote
+    /// meanwhile comes back with the deliveries. Take it into account before them.
+    pub fn poll_recv_direct(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Delivery>,
+        offer: Option<Direct>,
+    ) -> Poll<Result<Option<Direct>, CloseReason>> {
         let mut state = self.lock();
+        let direct = state.direct.take();
         if let Some(reason) = state.closed {
+            // A half-written event is finished before the end.
+            if let Some(Delivery::Rest(_)) = state.items.front() {
+                out.extend(state.items.pop_front());
+                return Poll::Ready(Ok(direct));
+            }
+            state.direct = direct;
             return Poll::Ready(Err(reason));
         }
         if state.items.is_empty() {
             // Registered under the lock: a push after this sees `was_empty` and wakes us.
             self.waker.register(cx.waker());
+            // A leave already given stays: the hub may have moved its position.
+            state.direct = direct.or(offer);
             return Poll::Pending;
         }
         std::mem::swap(&mut state.items, out);
-        Poll::Ready(Ok(()))
+        Poll::Ready(Ok(direct))
+    }
+
+    /// Takes back the hub's leave to write (the writer is ending), with what it wrote.
+    pub fn take_direct(&self) -> Option<Direct> {
+        self.lock().direct.take()
     }
 
     /// Waits for deliveries; see [`ClientQueue::poll_recv`].
@@ -217,11 +338,26 @@ struct ClientEntry {
     channels: Vec<(Channel, usize)>,
 }
 
+/// One channel's local subscribers.
+#[derive(Default)]
+struct Fanout {
+    members: Vec<Member>,
+    /// How long the last fan-out that wrote to sockets itself took, and when the last fan-out
+    /// ended. Writing every subscriber's socket from the fan-out saves each writer a wake-up,
+    /// but writes each event alone and on one thread. Under load (the fan-out rested less
+    /// than half of that since the last one ended, so events are waiting) events are
+    /// queued instead: the writers run on every core and each sends what piled up in one
+    /// write. The rest is measured from the end, not the start: a slow fan-out must not make
+    /// the events behind it look far apart.
+    direct_cost: Duration,
+    last_end: Option<Instant>,
+}
+
 #[derive(Default)]
 struct HubState {
     /// Members per channel, in no particular order: a member leaves by `swap_remove`, so a mass
     /// disconnect costs O(1) per client instead of a scan of the channel per client.
-    channels: HashMap<Channel, Vec<Member>>,
+    channels: HashMap<Channel, Fanout>,
     clients: HashMap<u64, ClientEntry>,
     next_client: u64,
     /// Set on shutdown: clients registered later start closed.
@@ -278,7 +414,7 @@ impl Hub {
             if entry.channels.iter().any(|(c, _)| c == channel) {
                 continue;
             }
-            let members = state.channels.entry(channel.clone()).or_default();
+            let members = &mut state.channels.entry(channel.clone()).or_default().members;
             entry.channels.push((channel.clone(), members.len()));
             members.push(Member {
                 client,
@@ -325,7 +461,7 @@ impl Hub {
         } = state;
         let mut released = Vec::new();
         for (channel, place) in memberships {
-            let Some(members) = channels.get_mut(&channel) else {
+            let Some(members) = channels.get_mut(&channel).map(|f| &mut f.members) else {
                 continue;
             };
             if place >= members.len() {
@@ -352,13 +488,26 @@ impl Hub {
     pub fn dispatch(&self, frame: Arc<Frame>) {
         let mut state = self.lock();
         let mut slow = Vec::new();
-        if let Some(members) = state.channels.get(frame.channel()) {
-            for member in members {
-                if !member.queue.push(Delivery::Event(frame.clone())) {
-                    slow.push(member.client);
+        let mut written = 0;
+        if let Some(fanout) = state.channels.get_mut(frame.channel()) {
+            let start = Instant::now();
+            let direct = fanout
+                .last_end
+                .is_none_or(|end| start.saturating_duration_since(end) >= fanout.direct_cost / 2);
+            for member in &fanout.members {
+                match member.queue.push_event(&frame, direct) {
+                    Pushed::Queued | Pushed::Duplicate => {}
+                    Pushed::Written => written += 1,
+                    Pushed::Refused => slow.push(member.client),
                 }
             }
+            let end = Instant::now();
+            if direct {
+                fanout.direct_cost = end - start;
+            }
+            fanout.last_end = Some(end);
         }
+        Stats::add(&self.stats.events_delivered, written);
         self.drop_slow(&mut state, slow);
     }
 
@@ -366,8 +515,8 @@ impl Hub {
     pub fn dispatch_to(&self, channel: &Channel, delivery: Delivery) {
         let mut state = self.lock();
         let mut slow = Vec::new();
-        if let Some(members) = state.channels.get(channel) {
-            for member in members {
+        if let Some(fanout) = state.channels.get(channel) {
+            for member in &fanout.members {
                 if !member.queue.push(delivery.clone()) {
                     slow.push(member.client);
                 }
@@ -476,6 +625,156 @@ mod tests {
                 other => panic!("expected the event, got {other:?}"),
             }
         }
+    }
+
+    /// A connected pair: the gateway's end, the browser's end.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let browser = TcpStream::connect(addr).await.expect("connect");
+        let (gateway, _) = listener.accept().await.expect("accept");
+        (gateway, browser)
+    }
+
+    /// The writer parks with `offer`; `Pending` expected.
+    fn park(queue: &ClientQueue, offer: Direct) {
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut out = VecDeque::new();
+        assert!(
+            queue
+                .poll_recv_direct(&mut cx, &mut out, Some(offer))
+                .is_pending()
+        );
+    }
+
+    fn chunk(frame: &Frame) -> Vec<u8> {
+        let mut bytes = format!("{:x}\r\n", frame.sse.len()).into_bytes();
+        bytes.extend_from_slice(&frame.sse);
+        bytes.extend_from_slice(b"\r\n");
+        bytes
+    }
+
+    #[tokio::test]
+    async fn a_waiting_sse_writer_lets_the_hub_write_events_straight_to_its_socket() {
+        use tokio::io::AsyncReadExt;
+        let (hub, _live) = hub(8);
+        let orders = Channel::parse("orders").unwrap();
+        let (_, queue) = member(&hub, &orders);
+        let (gateway, mut browser) = socket_pair().await;
+        assert!(queue.attach_socket(gateway).is_ok());
+        park(
+            &queue,
+            Direct {
+                shard: 0,
+                floor: 1,
+                written: 0,
+            },
+        );
+        // At or below the position: the replay sent it already.
+        hub.dispatch(frame(1, &orders));
+        let second = frame(2, &orders);
+        hub.dispatch(second.clone());
+        let want = chunk(&second);
+        let mut got = vec![0u8; want.len()];
+        browser.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, want, "one HTTP chunk, the frame's bytes");
+        // Nothing queued, so the writer was not woken; it learns what was written.
+        assert!(queue.lock().items.is_empty());
+        assert_eq!(
+            queue.take_direct(),
+            Some(Direct {
+                shard: 0,
+                floor: 2,
+                written: 1
+            })
+        );
+        assert_eq!(hub.stats.events_delivered.load(Ordering::Relaxed), 1);
+        // Without the leave (the writer is busy), events are queued as before.
+        hub.dispatch(frame(3, &orders));
+        assert_eq!(queue.lock().items.len(), 1);
+    }
+
+    /// An event the socket takes only in part: the rest is queued first and survives the queue
+    /// closing, so the browser never sees a chunk cut short; one it does not take at all is
+    /// queued whole.
+    #[tokio::test]
+    async fn a_half_written_event_is_finished_by_the_writer_before_anything_else() {
+        use tokio::io::AsyncReadExt;
+        let (hub, _live) = hub(8);
+        let orders = Channel::parse("orders").unwrap();
+        let (_, queue) = member(&hub, &orders);
+        let (gateway, mut browser) = socket_pair().await;
+        // Fill the socket while the browser does not read.
+        let filler = vec![b'.'; 64 * 1024];
+        let mut filled = 0;
+        loop {
+            match gateway.try_write(&filler) {
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(queue.attach_socket(gateway).is_ok());
+        let offer = Direct {
+            shard: 0,
+            floor: 0,
+            written: 0,
+        };
+        park(&queue, offer);
+        let blocked = frame(1, &orders);
+        hub.dispatch(blocked.clone());
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut out = VecDeque::new();
+        let Poll::Ready(Ok(direct)) = queue.poll_recv_direct(&mut cx, &mut out, None) else {
+            panic!("the blocked event is queued");
+        };
+        assert_eq!(direct.map(|d| d.written), Some(0));
+        assert!(matches!(out.pop_front(), Some(Delivery::Event(f)) if f.seq() == 1));
+
+        // The browser reads again: the socket takes bytes, but not a large event at once.
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            browser.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        let socket = queue.socket().expect("attached");
+        socket.writable().await.expect("writable");
+        park(&queue, offer);
+        let event = eventgate_core::Event {
+            seq: 2,
+            channel: orders.clone(),
+            body: Bytes::from(format!(
+                r#"{{"data":"{}","timestamp":"t"}}"#,
+                "x".repeat(32 * 1024 * 1024)
+            )),
+        };
+        let big = Arc::new(Frame::build(event, 0).expect("valid body"));
+        hub.dispatch(big.clone());
+        queue.close(CloseReason::Slow);
+        let Poll::Ready(Ok(direct)) = queue.poll_recv_direct(&mut cx, &mut out, None) else {
+            panic!("the rest comes before the end");
+        };
+        assert_eq!(direct.map(|d| (d.floor, d.written)), Some((2, 1)));
+        let Some(Delivery::Rest(rest)) = out.pop_front() else {
+            panic!("expected the rest of the event, got {out:?}");
+        };
+        assert!(matches!(
+            queue.poll_recv_direct(&mut cx, &mut out, None),
+            Poll::Ready(Err(CloseReason::Slow))
+        ));
+        // The writer writes the rest: the browser gets the filler, then the chunk whole.
+        let want = chunk(&big);
+        let timeout = std::time::Duration::from_secs(10);
+        crate::server::write_with_timeout(socket, &rest, timeout)
+            .await
+            .expect("write the rest");
+        drop(queue);
+        drop(hub);
+        let all = reader.await.expect("reader");
+        assert_eq!(all.len(), filled + want.len());
+        assert_eq!(&all[all.len() - want.len()..], &want[..]);
     }
 
     #[tokio::test]

@@ -1,12 +1,13 @@
 //! Accepting connections and serving HTTP.
 //!
-//! A connection whose first request is `GET /v1/events` is served here directly: the request
-//! head is parsed with `httparse` and the event stream is written straight to the socket in
-//! HTTP/1.1 chunks. A long-lived SSE stream needs nothing else of an HTTP server, and hyper
-//! would keep about 24 KiB of buffers and a dispatcher per connection for it (the bulk of an
-//! idle connection's cost, see BENCHMARKS.md). Every other connection (WebSocket upgrades,
-//! stats, health, and SSE requests that arrive on a reused keep-alive connection) goes to
-//! hyper and the axum router, with the bytes already read replayed first.
+//! A connection whose first request is `GET /v1/events` or a WebSocket handshake on `/v1/ws`
+//! is served here directly: the request head is parsed with `httparse`, and the event stream
+//! is written straight to the socket in HTTP/1.1 chunks, or the socket is handed to the
+//! WebSocket. A long-lived stream needs nothing else of an HTTP server, and hyper and axum's
+//! upgrade would keep buffers, a dispatcher and a second task per connection for it (the bulk
+//! of an idle connection's cost, see docs/memory.md). Every other connection (stats, health,
+//! and streams that arrive on a reused keep-alive connection) goes to hyper and the axum
+//! router, with the bytes already read replayed first.
 
 use std::{
     io,
@@ -42,6 +43,7 @@ use crate::{
     auth::cors_header_lines,
     error::{ApiError, WWW_AUTHENTICATE},
     sse::{self, SseBody},
+    ws::{self, Io, WsIo},
 };
 
 /// Most headers in a request head (hyper's limit too).
@@ -63,7 +65,14 @@ pub async fn serve(
             accepted = eventgate_core::serve::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
-        connections.spawn(connection_task(stream, peer, state.clone(), app.clone()));
+        let task = connection_task(
+            stream,
+            peer,
+            state.clone(),
+            app.clone(),
+            connections.clone(),
+        );
+        connections.spawn(task);
     }
     drop(listener);
     connections.close();
@@ -89,8 +98,9 @@ fn connection_task(
     peer: SocketAddr,
     state: Arc<GatewayState>,
     app: Router,
+    connections: TaskTracker,
 ) -> impl Future<Output = ()> {
-    connection(stream, peer, state, app).map(move |result| {
+    connection(stream, peer, state, app, connections).map(move |result| {
         if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "connection ended with an error");
         }
@@ -106,6 +116,7 @@ fn connection(
     peer: SocketAddr,
     state: Arc<GatewayState>,
     app: Router,
+    connections: TaskTracker,
 ) -> impl Future<Output = io::Result<()>> {
     // Not an `async fn`, like `stream_sse`: its arguments are kept once.
     async move {
@@ -114,25 +125,37 @@ fn connection(
         // A local that was borrowed keeps its room until its scope ends, even once moved
         // (the head, the parsed request): each phase is a block that ends before the next
         // await, so the streaming loop's state holds none of them.
-        let (stream, request) = {
+        let (stream, request) = 'sse: {
             let read = Box::pin(read_request(stream, peer, &state));
             let Some((stream, head)) = read.await? else {
                 return Ok(());
             };
-            match sse_request(&head) {
-                Some(request) => (stream, request),
-                None => {
-                    let http = Box::pin(hyper_connection(stream, head.freeze(), peer, state, app));
-                    return http.await;
-                }
-            }
+            // Every other path is one boxed future awaited at one place: a value live across
+            // two awaits would take room in every stream's task.
+            let other: Pin<Box<dyn Future<Output = io::Result<()>> + Send>> =
+                match native_request(&head) {
+                    Some((Route::Sse, request)) => break 'sse (stream, request),
+                    Some((Route::WebSocket { head_len }, request)) => {
+                        let already_read = head.get(head_len..).unwrap_or_default().to_vec();
+                        let ws = open_ws(stream, already_read, peer, request, state);
+                        Box::pin(ws.map(move |opened| {
+                            // A task of its own, sized for the WebSocket: this one ends here.
+                            if let Some(run) = opened? {
+                                connections.spawn(run);
+                            }
+                            Ok(())
+                        }))
+                    }
+                    None => Box::pin(hyper_connection(stream, head.freeze(), peer, state, app)),
+                };
+            return other.await;
         };
         let streaming = {
             let open = Box::pin(open_sse(stream, peer, request, &state));
-            let Some((stream, body)) = open.await? else {
+            let Some(body) = open.await? else {
                 return Ok(());
             };
-            stream_sse(stream, body, state.config.write_timeout)
+            stream_sse(body, state.config.write_timeout)
         };
         drop(state);
         streaming.await
@@ -260,25 +283,42 @@ fn check_head(head: &[u8], max_url: usize, max_head: usize) -> Option<ApiError> 
     }
 }
 
-/// What the native path needs of an SSE request.
-struct SseRequest {
+/// What the native path needs of a request.
+struct NativeRequest {
+    path: &'static str,
     query: Option<String>,
     headers: HeaderMap,
 }
 
-/// Recognises a plain `GET /v1/events` over HTTP/1.1 without a body; anything else is left to
-/// hyper (which also answers malformed requests).
-fn sse_request(head: &[u8]) -> Option<SseRequest> {
+/// The streams the native path serves.
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    Sse,
+    /// A well-formed handshake; bytes after the head's `head_len` are the client's first frames.
+    WebSocket {
+        head_len: usize,
+    },
+}
+
+/// Recognises a plain `GET /v1/events`, or a well-formed WebSocket handshake on `/v1/ws`, over
+/// HTTP/1.1 without a body; anything else is left to hyper and the router (which also answer
+/// malformed requests and refused handshakes).
+fn native_request(head: &[u8]) -> Option<(Route, NativeRequest)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+    let httparse::Status::Complete(head_len) = request.parse(head).ok()? else {
         return None;
-    }
+    };
     let (path, query) = match request.path?.split_once('?') {
         Some((path, query)) => (path, Some(query.to_owned())),
         None => (request.path?, None),
     };
-    if request.method != Some("GET") || path != "/v1/events" || request.version != Some(1) {
+    let (route, path) = match path {
+        "/v1/events" => (Route::Sse, "/v1/events"),
+        "/v1/ws" => (Route::WebSocket { head_len }, "/v1/ws"),
+        _ => return None,
+    };
+    if request.method != Some("GET") || request.version != Some(1) {
         return None;
     }
     let mut map = HeaderMap::with_capacity(request.headers.len());
@@ -291,23 +331,34 @@ fn sse_request(head: &[u8]) -> Option<SseRequest> {
         || map
             .get("content-length")
             .is_some_and(|v| v.as_bytes() != b"0");
-    if has_body || map.contains_key("upgrade") {
+    if has_body {
         return None;
     }
-    Some(SseRequest {
-        query,
-        headers: map,
-    })
+    let native = match route {
+        Route::Sse => !map.contains_key("upgrade"),
+        Route::WebSocket { .. } => {
+            ws::check_handshake(&axum::http::Method::GET, axum::http::Version::HTTP_11, &map)
+                .is_ok()
+        }
+    };
+    native.then_some((
+        route,
+        NativeRequest {
+            path,
+            query,
+            headers: map,
+        },
+    ))
 }
 
-/// Opens an SSE stream on a connection of its own and writes the response head; `None` when
-/// it was refused (answered here).
+/// Opens an SSE stream on a connection of its own, writes the response head and hands the
+/// socket to the client's queue; `None` when it was refused (answered here).
 async fn open_sse(
     mut stream: TcpStream,
     peer: SocketAddr,
-    request: SseRequest,
+    request: NativeRequest,
     state: &Arc<GatewayState>,
-) -> io::Result<Option<(TcpStream, SseBody)>> {
+) -> io::Result<Option<SseBody>> {
     let cors = cors_header_lines(&request.headers, state.config.allowed_origins.as_deref());
     let client = state
         .admission
@@ -337,31 +388,72 @@ async fn open_sse(
          x-accel-buffering: no\r\n{cors}transfer-encoding: chunked\r\n\r\n",
         httpdate::fmt_http_date(SystemTime::now())
     );
-    write_with_timeout(&mut stream, head.as_bytes(), state.config.write_timeout).await?;
-    Ok(Some((stream, body)))
+    write_with_timeout(&stream, head.as_bytes(), state.config.write_timeout).await?;
+    body.queue()
+        .attach_socket(stream)
+        .map_err(|_| io::Error::other("the stream's queue has a socket already"))?;
+    Ok(Some(body))
+}
+
+/// Admits a WebSocket on a connection of its own and accepts the handshake; the connection,
+/// ready to run, or `None` when it was refused (answered here).
+async fn open_ws(
+    mut stream: TcpStream,
+    already_read: Vec<u8>,
+    peer: SocketAddr,
+    request: NativeRequest,
+    state: Arc<GatewayState>,
+) -> io::Result<Option<impl Future<Output = ()> + Send + 'static>> {
+    let opened = ws::open(&state, peer, request.query.as_deref(), &request.headers).await;
+    let (session, identity) = match opened {
+        Ok(opened) => opened,
+        Err(error) => {
+            let (status, json) = error.render();
+            log_refusal(&request, status, &error);
+            let retry = error.retry_after();
+            respond_and_close(&mut stream, status, Some(json), "", retry).await?;
+            return Ok(None);
+        }
+    };
+    let timeout = state.config.write_timeout;
+    let Some(key) = request.headers.get(axum::http::header::SEC_WEBSOCKET_KEY) else {
+        return Ok(None);
+    };
+    let accept = ws::accept_head(key);
+    drop(request);
+    write_with_timeout(&stream, accept.as_bytes(), timeout).await?;
+    let io = WsIo::new(Io::Tcp(stream), timeout);
+    Ok(Some(ws::connection(
+        state,
+        session,
+        identity,
+        io,
+        already_read,
+    )))
 }
 
 /// Writes the stream's events until it ends or the client leaves: the state an open SSE
-/// stream keeps for its whole life, so it is kept to the body, the socket and one write.
+/// stream keeps for its whole life, so it is kept to the body and one write. The socket is
+/// kept with the client's queue, which lends it to the hub's fan-out while this waits.
 ///
 /// Not an `async fn`: those keep their arguments twice (rust-lang/rust#62958), and the body is
 /// the largest part of an idle stream.
 #[allow(clippy::manual_async_fn)] // deliberate: see above
-fn stream_sse(
-    mut stream: TcpStream,
-    mut body: SseBody,
-    timeout: Duration,
-) -> impl Future<Output = io::Result<()>> {
+fn stream_sse(mut body: SseBody, timeout: Duration) -> impl Future<Output = io::Result<()>> {
     async move {
+        let queue = body.queue();
+        let Some(socket) = queue.socket() else {
+            return Ok(());
+        };
         loop {
-            match std::future::poll_fn(|cx| poll_stream(&mut stream, &mut body, cx)).await {
+            match std::future::poll_fn(|cx| poll_stream(socket, &mut body, cx)).await {
                 Next::Chunk(data) => {
                     // The common case is one `writev` that takes the whole chunk; only a
                     // socket that cannot take it all arms the write timeout (boxed: it is
                     // rare, and would otherwise take room in every stream's task).
-                    let written = match try_write_chunk(&mut stream, &data) {
+                    let written = match try_write_chunk(socket, &data) {
                         Ok(Some(rest)) => {
-                            let slow = Box::pin(write_with_timeout(&mut stream, &rest, timeout));
+                            let slow = Box::pin(write_with_timeout(socket, &rest, timeout));
                             slow.await
                         }
                         Ok(None) => Ok(()),
@@ -373,7 +465,7 @@ fn stream_sse(
                     }
                 }
                 Next::End => {
-                    let last = Box::pin(write_with_timeout(&mut stream, b"0\r\n\r\n", timeout));
+                    let last = Box::pin(write_with_timeout(socket, b"0\r\n\r\n", timeout));
                     return last.await;
                 }
                 Next::Closed => return Ok(()),
@@ -398,40 +490,48 @@ enum Next {
 
 /// The body's next chunk, or the client leaving. The client sends nothing more on this
 /// connection, so a read that returns means it closed (bytes it sends anyway are discarded).
-fn poll_stream(stream: &mut TcpStream, body: &mut SseBody, cx: &mut Context<'_>) -> Poll<Next> {
+fn poll_stream(socket: &TcpStream, body: &mut SseBody, cx: &mut Context<'_>) -> Poll<Next> {
     if let Poll::Ready(chunk) = body.poll_chunk(cx) {
         return Poll::Ready(chunk.map_or(Next::End, Next::Chunk));
     }
     let mut scratch = [0u8; 64];
     loop {
-        let mut buf = ReadBuf::new(&mut scratch);
-        match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Next::Closed),
-            Poll::Ready(Ok(())) => continue,
+        match socket.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(_)) => return Poll::Ready(Next::ReadError),
             Poll::Pending => return Poll::Pending,
+        }
+        match socket.try_read(&mut scratch) {
+            Ok(0) => return Poll::Ready(Next::Closed),
+            // Not ready after all (readiness is cleared): the next poll registers the waker.
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Poll::Ready(Next::ReadError),
         }
     }
 }
 
+/// Bytes of an HTTP/1.1 chunk of `len` bytes of data: size line, data, CRLF.
+pub(crate) fn chunk_len(len: usize) -> usize {
+    chunk_size_line(len, &mut [0u8; 20]) + len + 2
+}
+
 /// Writes one HTTP/1.1 chunk (size line, data, CRLF) with one `writev`, if the socket takes it
 /// at once (a timer per event per client would cost more than the write). `Some(rest)`: what
-/// the socket did not take. Not async, so its buffers take no room in every stream's task.
-fn try_write_chunk(
-    writer: &mut (impl AsyncWrite + Unpin),
-    data: &[u8],
-) -> io::Result<Option<Vec<u8>>> {
+/// the socket did not take, all of it when it took nothing. Not async, so its buffers take no
+/// room in every stream's task; the hub's fan-out calls it too.
+pub(crate) fn try_write_chunk(socket: &TcpStream, data: &[u8]) -> io::Result<Option<Vec<u8>>> {
     let mut line = [0u8; 20];
     let line_len = chunk_size_line(data.len(), &mut line);
     let parts: [&[u8]; 3] = [&line[..line_len], data, b"\r\n"];
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let slices = parts.map(io::IoSlice::new);
-    let written = match writer.write_vectored(&slices).now_or_never() {
-        Some(Ok(n)) if n == total => return Ok(None),
-        Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-        Some(Ok(n)) => n,
-        Some(Err(e)) => return Err(e),
-        None => 0,
+    let written = match socket.try_write_vectored(&slices) {
+        Ok(n) if n == total => return Ok(None),
+        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
     };
     Ok(Some(parts.concat().split_off(written)))
 }
@@ -452,21 +552,35 @@ fn chunk_size_line(len: usize, out: &mut [u8; 20]) -> usize {
     digits + 2
 }
 
-async fn write_with_timeout(
-    writer: &mut (impl AsyncWrite + Unpin),
+/// Writes all of `data` to a socket shared with the hub (which does not write meanwhile).
+pub(crate) async fn write_with_timeout(
+    socket: &TcpStream,
     data: &[u8],
     timeout: Duration,
 ) -> io::Result<()> {
-    tokio::time::timeout(timeout, writer.write_all(data))
+    let write_all = async {
+        let mut data = data;
+        while !data.is_empty() {
+            socket.writable().await?;
+            match socket.try_write(data) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, write_all)
         .await
         .map_err(|_| io::ErrorKind::TimedOut)?
 }
 
 /// Logs a refused stream like the router logs refused requests (credentials redacted).
-fn log_refusal(request: &SseRequest, status: StatusCode, error: &ApiError) {
+fn log_refusal(request: &NativeRequest, status: StatusCode, error: &ApiError) {
     let uri = match &request.query {
-        Some(query) => format!("/v1/events?{query}"),
-        None => "/v1/events".to_owned(),
+        Some(query) => format!("{}?{query}", request.path),
+        None => request.path.to_owned(),
     };
     tracing::info!(
         method = "GET",
@@ -584,7 +698,7 @@ impl AsyncWrite for Prefixed {
 mod tests {
 
     /// The size of what `f` returns, without calling it.
-    fn returned<A, B, C, D, R>(_: impl Fn(A, B, C, D) -> R) -> usize {
+    fn returned5<A, B, C, D, E, R>(_: impl Fn(A, B, C, D, E) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
@@ -593,7 +707,7 @@ mod tests {
     /// are boxed and freed; an `async fn` or `Box::pin(f()).await` here would grow it again.
     #[test]
     fn an_idle_sse_streams_task_stays_small() {
-        let task = returned(connection_task);
+        let task = returned5(connection_task);
         let body = std::mem::size_of::<SseBody>();
         println!("connection task {task} bytes, of which SseBody {body}");
         // tokio adds about 96 bytes (header, tracker) and rounds the task up to 128-byte
@@ -682,13 +796,25 @@ mod tests {
     }
 
     #[test]
-    fn only_plain_sse_requests_take_the_native_path() {
+    fn only_plain_streams_take_the_native_path() {
         let sse = b"GET /v1/events?channel=a HTTP/1.1\r\nhost: x\r\nlast-event-id: 5\r\n\r\n";
-        let request = sse_request(sse).expect("native");
+        let (route, request) = native_request(sse).expect("native");
+        assert_eq!(route, Route::Sse);
         assert_eq!(request.query.as_deref(), Some("channel=a"));
         assert_eq!(request.headers["last-event-id"], "5");
+        let ws = b"GET /v1/ws?ticket=t HTTP/1.1\r\nhost: x\r\nconnection: keep-alive, Upgrade\r\n\
+            upgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let mut with_frame = ws.to_vec();
+        with_frame.extend_from_slice(b"\x81\x80");
+        let (route, request) = native_request(&with_frame).expect("native");
+        assert_eq!(route, Route::WebSocket { head_len: ws.len() });
+        assert_eq!(request.query.as_deref(), Some("ticket=t"));
+        // Anything else goes to hyper and the router, which answer refused handshakes too.
         for other in [
             &b"GET /v1/ws HTTP/1.1\r\nhost: x\r\n\r\n"[..],
+            b"GET /v1/ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 8\r\nsec-websocket-key: a\r\n\r\n",
+            b"GET /v1/ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\n\r\n",
+            b"POST /v1/ws HTTP/1.1\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: a\r\n\r\n",
             b"GET /v1/events HTTP/1.0\r\nhost: x\r\n\r\n",
             b"POST /v1/events HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}",
             b"GET /v1/events HTTP/1.1\r\nupgrade: websocket\r\n\r\n",
@@ -696,7 +822,7 @@ mod tests {
             b"GARBAGE\r\n\r\n",
         ] {
             assert!(
-                sse_request(other).is_none(),
+                native_request(other).is_none(),
                 "{}",
                 String::from_utf8_lossy(other)
             );

@@ -29,7 +29,7 @@ use crate::{
     GatewayState,
     error::ApiError,
     frame::{Frame, sse_position, sse_position_event, sse_reset},
-    hub::{CloseReason, Delivery, Stats},
+    hub::{ClientQueue, CloseReason, Delivery, Direct, Stats},
     metrics::EndReason,
     replay::{Replay, ReplayItem},
     session::{Attached, Session, Start, Transport},
@@ -536,8 +536,13 @@ impl SseBody {
                 &self.stats.events_delivered,
                 std::mem::take(&mut self.uncounted),
             );
-            match ready!(self.session.queue.poll_recv(cx, &mut self.pending)) {
-                Ok(()) => {}
+            let offer = self.direct_offer();
+            match ready!(
+                self.session
+                    .queue
+                    .poll_recv_direct(cx, &mut self.pending, offer)
+            ) {
+                Ok(direct) => self.take_back(direct),
                 Err(CloseReason::Slow) => {
                     self.finish("slow");
                     return Poll::Ready(Some(Bytes::from_static(
@@ -553,6 +558,38 @@ impl SseBody {
                     return Poll::Ready(Some(Bytes::from(format!("retry: {retry}\n\n"))));
                 }
             }
+        }
+    }
+
+    /// The client's queue (its socket is kept there, see [`Direct`]).
+    pub(crate) fn queue(&self) -> Arc<ClientQueue> {
+        self.session.queue.clone()
+    }
+
+    /// Whether the hub may write this stream's events straight to its socket while it waits:
+    /// on one shard, with the replays done and nothing left to write.
+    fn direct_offer(&self) -> Option<Direct> {
+        let floors = self.floors.as_ref()?;
+        match floors.shards[..] {
+            [(shard, floor)] if self.pending.is_empty() && !self.finished => Some(Direct {
+                shard,
+                floor,
+                written: 0,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Takes in what the hub wrote while this waited: its position and its events.
+    fn take_back(&mut self, direct: Option<Direct>) {
+        let Some(direct) = direct else { return };
+        if let Some(floors) = self.floors.as_mut() {
+            floors.raise(direct.shard, direct.floor);
+        }
+        if direct.written > 0 {
+            self.sent += direct.written;
+            self.busy_since_position = true;
+            self.busy_since_heartbeat = true;
         }
     }
 
@@ -586,6 +623,7 @@ impl SseBody {
         // Deliveries are rendered only once the replays are done.
         let floors = self.floors.as_mut()?;
         match delivery {
+            Delivery::Rest(bytes) => Some(Bytes::from(bytes)),
             Delivery::Event(frame) => {
                 if !floors.raise(frame.shard, frame.seq()) {
                     return None;
@@ -665,6 +703,8 @@ impl http_body::Body for SseBody {
 
 impl Drop for SseBody {
     fn drop(&mut self) {
+        let direct = self.session.queue.take_direct();
+        self.take_back(direct);
         Stats::add(&self.stats.events_delivered, self.uncounted);
         EndReason::count(&self.stats, self.end);
         tracing::info!(

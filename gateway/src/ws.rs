@@ -9,26 +9,34 @@
 
 use std::{
     collections::{HashMap, VecDeque},
+    io,
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use axum::{
-    extract::{
-        ConnectInfo, RawQuery, State, WebSocketUpgrade,
-        ws::rejection::WebSocketUpgradeRejection,
-        ws::{CloseFrame, Message, Utf8Bytes, WebSocket},
-    },
-    http::HeaderMap,
-    response::Response,
+    extract::{ConnectInfo, Request, State},
+    http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header},
+    response::{IntoResponse, Response},
 };
 use bytes::Bytes;
 use eventgate_core::{Channel, Cursor, GapReason, auth::Identity, limits::DirectLimiter};
-use futures::SinkExt;
+use futures::{FutureExt, SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::time::{Instant, Sleep};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::TcpStream,
+    time::{Instant, Sleep},
+};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::{
+    Message, Utf8Bytes,
+    protocol::{CloseFrame, Role, WebSocketConfig},
+};
 
 use crate::{
     GatewayState,
@@ -49,25 +57,91 @@ mod code {
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
-/// The handshake: every refusal (not a WebSocket, no credential, wrong origin) is an HTTP
-/// answer before upgrading.
-pub async fn upgrade(
-    State(state): State<Arc<GatewayState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    RawQuery(query): RawQuery,
-    headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    let upgrade = upgrade.map_err(|r| ApiError::Handshake(r.status(), r.body_text()))?;
-    let client = state.admission.trusted.client_key(peer.ip(), &headers);
+/// Checks that a request asks for a WebSocket (RFC 6455 section 4.2.1) and returns its
+/// `Sec-WebSocket-Key`. The same answers as axum's `WebSocketUpgrade`.
+pub(crate) fn check_handshake<'a>(
+    method: &Method,
+    version: Version,
+    headers: &'a HeaderMap,
+) -> Result<&'a HeaderValue, ApiError> {
+    let refuse = |status, text: &str| Err(ApiError::Handshake(status, text.to_owned()));
+    if method != Method::GET {
+        return refuse(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Request method must be `GET`",
+        );
+    }
+    if version != Version::HTTP_11 {
+        return refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "a WebSocket handshake needs HTTP/1.1",
+        );
+    }
+    let has_token = |name, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|part| part.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "Connection header did not include 'upgrade'",
+        );
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "`Upgrade` header did not include 'websocket'",
+        );
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "`Sec-WebSocket-Key` header missing",
+        );
+    };
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            "`Sec-WebSocket-Version` header did not include '13'",
+        );
+    }
+    Ok(key)
+}
+
+/// The `101 Switching Protocols` head that accepts `key`.
+pub(crate) fn accept_head(key: &HeaderValue) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+         sec-websocket-accept: {}\r\ndate: {}\r\n\r\n",
+        tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        httpdate::fmt_http_date(std::time::SystemTime::now())
+    )
+}
+
+/// Admits a WebSocket: caps and the connect rate, the credential, the origin, the identity.
+/// Every refusal is an HTTP answer before upgrading.
+pub(crate) async fn open(
+    state: &Arc<GatewayState>,
+    peer: SocketAddr,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(Session, Identity), ApiError> {
+    let client = state.admission.trusted.client_key(peer.ip(), headers);
     let mut slot = state.admission.admit(client)?;
     let credential = state
         .auth
-        .credential(&headers, query.as_deref())
+        .credential(headers, query)
         .map_err(ApiError::Unauthorized)?;
     // Before redeeming: a refused origin must not use up a ticket.
     check_ws_origin(
-        &headers,
+        headers,
         state.config.allowed_origins.as_deref(),
         Some(credential.source),
         state.admission.trusted.contains(peer.ip()),
@@ -75,16 +149,156 @@ pub async fn upgrade(
     let identity = state.auth.identify(&state.broker, &credential).await?;
     slot.add_user(&identity.sub)?;
     let session = state.new_session(Transport::WebSocket, slot)?;
+    Ok((session, identity))
+}
+
+/// The WebSocket of an admitted connection, ready to run.
+pub(crate) fn connection(
+    state: Arc<GatewayState>,
+    session: Session,
+    identity: Identity,
+    io: WsIo,
+    already_read: Vec<u8>,
+) -> impl Future<Output = ()> + Send + 'static {
     let limit = state.config.ws_max_message_bytes as usize;
-    Ok(upgrade
-        // tungstenite zero-fills its read buffer (128 KiB by default) on every connection and
-        // keeps it: client messages are small, so read in 256-byte steps (a larger message
-        // still fits; the buffer grows for it).
-        .read_buffer_size(256)
+    // tungstenite zero-fills its read buffer (128 KiB by default) on every connection and
+    // keeps it: client messages are small, so read in 128-byte steps (a larger message still
+    // fits; the buffer grows for it).
+    let config = WebSocketConfig::default()
+        .read_buffer_size(128)
         .write_buffer_size(8 * 1024)
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| WsConnection::new(state, session, identity, socket).run()))
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
+    // Completes at once: there is no handshake to do, the socket is only wrapped.
+    let socket = WebSocketStream::from_partially_read(io, already_read, Role::Server, Some(config))
+        .now_or_never()
+        .expect("wrapping a socket does no I/O");
+    WsConnection::new(state, session, identity, socket).run()
+}
+
+/// `GET /v1/ws` through the router: a handshake on a reused keep-alive connection (the
+/// gateway serves a connection's first request itself, see `server`).
+pub async fn upgrade(
+    State(state): State<Arc<GatewayState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    mut request: Request,
+) -> Result<Response, ApiError> {
+    let key = check_handshake(request.method(), request.version(), request.headers())?.clone();
+    let Some(on_upgrade) = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>()
+    else {
+        return Err(ApiError::Handshake(
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded".to_owned(),
+        ));
+    };
+    let (session, identity) = open(&state, peer, request.uri().query(), request.headers()).await?;
+    let write_timeout = state.config.write_timeout;
+    tokio::spawn(on_upgrade.then(move |upgraded| async move {
+        match upgraded {
+            Ok(upgraded) => {
+                let io = WsIo::new(Io::Upgraded(TokioIo::new(upgraded)), write_timeout);
+                connection(state, session, identity, io, Vec::new()).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    }));
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    Ok(response)
+}
+
+/// The connection under a WebSocket, with a write timeout: a peer that stops reading is cut
+/// off instead of holding its task on a full socket forever.
+pub(crate) struct WsIo {
+    io: Io,
+    write_timeout: Duration,
+    /// Armed only while a write waits (boxed: most writes complete at once, and every
+    /// connection would otherwise carry a timer).
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+/// The socket itself when the gateway read the handshake, or hyper's upgraded connection when
+/// the handshake came through the router.
+pub(crate) enum Io {
+    Tcp(TcpStream),
+    Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl WsIo {
+    pub(crate) fn new(io: Io, write_timeout: Duration) -> Self {
+        Self {
+            io,
+            write_timeout,
+            stalled: None,
+        }
+    }
+
+    /// Passes on a finished write; a waiting one fails once it has waited the write timeout.
+    fn limit<T>(&mut self, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.write_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for WsIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Upgraded(upgraded) => Pin::new(upgraded).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WsIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let poll = match &mut self.io {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Io::Upgraded(upgraded) => Pin::new(upgraded).poll_write(cx, buf),
+        };
+        self.limit(cx, poll)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = match &mut self.io {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Io::Upgraded(upgraded) => Pin::new(upgraded).poll_flush(cx),
+        };
+        self.limit(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = match &mut self.io {
+            Io::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Io::Upgraded(upgraded) => Pin::new(upgraded).poll_shutdown(cx),
+        };
+        self.limit(cx, poll)
+    }
 }
 
 /// Why the connection loop ended, and the close frame to send, if any.
@@ -118,7 +332,7 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 struct WsConnection {
     state: Arc<GatewayState>,
     session: Session,
-    socket: WebSocket,
+    socket: WebSocketStream<WsIo>,
     id: uuid::Uuid,
     /// Subscribed channels, each with the highest seq sent on it.
     floors: HashMap<Channel, u64>,
@@ -143,7 +357,7 @@ impl WsConnection {
         state: Arc<GatewayState>,
         session: Session,
         identity: Identity,
-        socket: WebSocket,
+        socket: WebSocketStream<WsIo>,
     ) -> Self {
         let expires = Box::pin(tokio::time::sleep(state.auth.lifetime(&identity)));
         Self {
@@ -175,7 +389,7 @@ impl WsConnection {
             };
             if let Some((code, reason)) = ending.close {
                 let frame = CloseFrame {
-                    code,
+                    code: code.into(),
                     reason: Utf8Bytes::from_static(reason),
                 };
                 // The closing handshake: send our close, then read until the peer's (it may first
@@ -184,12 +398,12 @@ impl WsConnection {
                 // inline it would be the largest state of every connection's task.
                 let closing = Box::pin(tokio::time::timeout(CLOSE_GRACE, async {
                     self.socket.send(Message::Close(Some(frame))).await?;
-                    while let Some(message) = self.socket.recv().await {
+                    while let Some(message) = self.socket.next().await {
                         if let Message::Close(_) = message? {
                             break;
                         }
                     }
-                    Ok::<_, axum::Error>(())
+                    Ok::<_, tungstenite::Error>(())
                 }));
                 let _ = closing.await;
             }
@@ -231,7 +445,7 @@ impl WsConnection {
                 _ = self.expires.as_mut() => {
                     return Err(Ending::close(code::POLICY, "token expired", "token_expired"));
                 }
-                message = self.socket.recv() => {
+                message = self.socket.next() => {
                     self.last_heard = Instant::now();
                     match message {
                         None | Some(Ok(Message::Close(_))) => return Ok(()),
@@ -250,7 +464,7 @@ impl WsConnection {
                                 "binary",
                             ));
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
                     }
                 }
             }
@@ -326,7 +540,8 @@ impl WsConnection {
                 self.uncounted += 1;
                 Some(Message::Text(frame.ws_text()))
             }
-            Delivery::Position { .. } => None,
+            // Only SSE streams lend their socket to the hub.
+            Delivery::Position { .. } | Delivery::Rest(_) => None,
             Delivery::Heartbeat => Some(Message::Ping(Bytes::new())),
             Delivery::Reset(notice) => {
                 let channels = notice.among(self.floors.keys());
@@ -656,9 +871,9 @@ impl WsConnection {
     }
 }
 
-fn receive_error(error: axum::Error) -> Ending {
-    match error.into_inner().downcast::<tungstenite::Error>() {
-        Ok(e) if matches!(*e, tungstenite::Error::Capacity(_)) => Ending::close(
+fn receive_error(error: tungstenite::Error) -> Ending {
+    match error {
+        tungstenite::Error::Capacity(_) => Ending::close(
             code::TOO_BIG,
             "message too big (WS_MAX_MESSAGE_BYTES)",
             "message_too_big",
