@@ -364,10 +364,68 @@ struct HubState {
     closed: Option<CloseReason>,
 }
 
+/// Subscribers per thread below which a fan-out that writes to sockets stays on one thread:
+/// starting a thread costs tens of µs, a write a few.
+const DIRECT_SPLIT: usize = 1024;
+
+/// Hands `frame` to each of `members`: how many were written straight to their sockets, and
+/// the clients refused as slow.
+fn push_all(members: &[Member], frame: &Arc<Frame>, direct: bool) -> (u64, Vec<u64>) {
+    let mut written = 0;
+    let mut slow = Vec::new();
+    for member in members {
+        match member.queue.push_event(frame, direct) {
+            Pushed::Queued | Pushed::Duplicate => {}
+            Pushed::Written => written += 1,
+            Pushed::Refused => slow.push(member.client),
+        }
+    }
+    (written, slow)
+}
+
+/// [`push_all`] with direct writes, over `parts` threads: one event's writes to a large
+/// channel's sockets use every core, so its last subscriber gets it sooner. Each subscriber is
+/// written by one thread and the fan-out ends when all have, so each client's order holds.
+fn push_split(members: &[Member], frame: &Arc<Frame>, parts: usize) -> (u64, Vec<u64>) {
+    std::thread::scope(|scope| {
+        let mut chunks = members.chunks(members.len().div_ceil(parts));
+        let first = chunks.next().unwrap_or_default();
+        let mut inline = Vec::new();
+        let mut threads = Vec::new();
+        for part in chunks {
+            let started = std::thread::Builder::new()
+                .name("eventgate-fanout".into())
+                .stack_size(256 * 1024)
+                .spawn_scoped(scope, || push_all(part, frame, true));
+            match started {
+                Ok(thread) => threads.push(thread),
+                // No thread to be had: this one writes that part too.
+                Err(_) => inline.push(part),
+            }
+        }
+        let (mut written, mut slow) = push_all(first, frame, true);
+        let rest = inline
+            .into_iter()
+            .map(|part| Ok(push_all(part, frame, true)));
+        for result in rest.chain(threads.into_iter().map(|thread| thread.join())) {
+            match result {
+                Ok((w, s)) => {
+                    written += w;
+                    slow.extend(s);
+                }
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        (written, slow)
+    })
+}
+
 /// Local fan-out: channel → subscribers. Locks are never held across an `.await`.
 pub struct Hub {
     state: Mutex<HubState>,
     queue_capacity: usize,
+    /// Threads a fan-out that writes to sockets may use: one per core.
+    threads: usize,
     live: LiveSenders,
     pub stats: Arc<Stats>,
 }
@@ -377,6 +435,7 @@ impl Hub {
         Self {
             state: Mutex::new(HubState::default()),
             queue_capacity,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             live,
             stats,
         }
@@ -487,20 +546,21 @@ impl Hub {
     /// Hands one event to every local subscriber of its channel.
     pub fn dispatch(&self, frame: Arc<Frame>) {
         let mut state = self.lock();
-        let mut slow = Vec::new();
-        let mut written = 0;
+        let (mut written, mut slow) = (0, Vec::new());
         if let Some(fanout) = state.channels.get_mut(frame.channel()) {
             let start = Instant::now();
             let direct = fanout
                 .last_end
                 .is_none_or(|end| start.saturating_duration_since(end) >= fanout.direct_cost / 2);
-            for member in &fanout.members {
-                match member.queue.push_event(&frame, direct) {
-                    Pushed::Queued | Pushed::Duplicate => {}
-                    Pushed::Written => written += 1,
-                    Pushed::Refused => slow.push(member.client),
-                }
-            }
+            let parts = match direct {
+                true => (fanout.members.len() / DIRECT_SPLIT).clamp(1, self.threads),
+                false => 1,
+            };
+            (written, slow) = if parts == 1 {
+                push_all(&fanout.members, &frame, direct)
+            } else {
+                push_split(&fanout.members, &frame, parts)
+            };
             let end = Instant::now();
             if direct {
                 fanout.direct_cost = end - start;
@@ -694,6 +754,54 @@ mod tests {
         // Without the leave (the writer is busy), events are queued as before.
         hub.dispatch(frame(3, &orders));
         assert_eq!(queue.lock().items.len(), 1);
+    }
+
+    /// A channel with more subscribers than one thread writes: the fan-out is split over the
+    /// cores, and every subscriber gets the event exactly once, straight to its socket.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_direct_fan_out_reaches_every_socket_once() {
+        use tokio::io::AsyncReadExt;
+        let (hub, _live) = hub(8);
+        let orders = Channel::parse("orders").unwrap();
+        let mut browsers = Vec::new();
+        let mut queues = Vec::new();
+        for _ in 0..2 * DIRECT_SPLIT + 1 {
+            let (_, queue) = member(&hub, &orders);
+            let (gateway, browser) = socket_pair().await;
+            assert!(queue.attach_socket(gateway).is_ok());
+            park(
+                &queue,
+                Direct {
+                    shard: 0,
+                    floor: 0,
+                    written: 0,
+                },
+            );
+            browsers.push(browser);
+            queues.push(queue);
+        }
+        let sent = frame(1, &orders);
+        hub.dispatch(sent.clone());
+        let want = chunk(&sent);
+        for browser in &mut browsers {
+            let mut got = vec![0u8; want.len()];
+            browser.read_exact(&mut got).await.expect("read");
+            assert_eq!(got, want);
+        }
+        // Loopback writes land at once: a second copy would be there by now.
+        for browser in &browsers {
+            let more = browser.try_read(&mut [0u8; 1]);
+            assert!(
+                matches!(&more, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                "{more:?}"
+            );
+        }
+        let all = browsers.len() as u64;
+        assert_eq!(hub.stats.events_delivered.load(Ordering::Relaxed), all);
+        for queue in &queues {
+            assert!(queue.lock().items.is_empty(), "written, not queued");
+            assert_eq!(queue.take_direct().map(|d| d.written), Some(1));
+        }
     }
 
     /// An event the socket takes only in part: the rest is queued first and survives the queue
