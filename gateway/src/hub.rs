@@ -289,6 +289,20 @@ impl ClientQueue {
         self.lock().direct.take()
     }
 
+    /// Takes back the hub's leave to write, and the rest of a half-written event if one is
+    /// queued: a writer that ends by itself writes that rest before its last bytes.
+    pub fn stop_direct(&self) -> (Option<Direct>, Option<Box<[u8]>>) {
+        let mut state = self.lock();
+        let direct = state.direct.take();
+        if !matches!(state.items.front(), Some(Delivery::Rest(_))) {
+            return (direct, None);
+        }
+        match state.items.pop_front() {
+            Some(Delivery::Rest(rest)) => (direct, Some(rest)),
+            _ => (direct, None),
+        }
+    }
+
     /// Waits for deliveries; see [`ClientQueue::poll_recv`].
     pub async fn recv(&self, out: &mut VecDeque<Delivery>) -> Result<(), CloseReason> {
         std::future::poll_fn(|cx| self.poll_recv(cx, out)).await
@@ -808,7 +822,18 @@ mod tests {
     /// closing, so the browser never sees a chunk cut short; one it does not take at all is
     /// queued whole.
     #[tokio::test]
-    async fn a_half_written_event_is_finished_by_the_writer_before_anything_else() {
+    async fn a_half_written_event_is_finished_before_a_closed_queues_end() {
+        half_written(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_half_written_event_is_finished_before_a_stream_ends_by_itself() {
+        half_written(false).await;
+    }
+
+    /// The queue closes (`closed`) or the writer ends by itself (expiry, `?duration=`) right
+    /// after the hub wrote part of an event.
+    async fn half_written(closed: bool) {
         use tokio::io::AsyncReadExt;
         let (hub, _live) = hub(8);
         let orders = Channel::parse("orders").unwrap();
@@ -860,18 +885,28 @@ mod tests {
         };
         let big = Arc::new(Frame::build(event, 0).expect("valid body"));
         hub.dispatch(big.clone());
-        queue.close(CloseReason::Slow);
-        let Poll::Ready(Ok(direct)) = queue.poll_recv_direct(&mut cx, &mut out, None) else {
-            panic!("the rest comes before the end");
+        let rest = if closed {
+            queue.close(CloseReason::Slow);
+            let Poll::Ready(Ok(direct)) = queue.poll_recv_direct(&mut cx, &mut out, None) else {
+                panic!("the rest comes before the end");
+            };
+            assert_eq!(direct.map(|d| (d.floor, d.written)), Some((2, 1)));
+            let Some(Delivery::Rest(rest)) = out.pop_front() else {
+                panic!("expected the rest of the event, got {out:?}");
+            };
+            assert!(matches!(
+                queue.poll_recv_direct(&mut cx, &mut out, None),
+                Poll::Ready(Err(CloseReason::Slow))
+            ));
+            rest
+        } else {
+            let (direct, rest) = queue.stop_direct();
+            assert_eq!(direct.map(|d| (d.floor, d.written)), Some((2, 1)));
+            // The leave is taken back: the hub writes nothing more.
+            hub.dispatch(frame(3, &orders));
+            assert_eq!(queue.lock().items.len(), 1, "queued, not written");
+            rest.expect("the rest of the event")
         };
-        assert_eq!(direct.map(|d| (d.floor, d.written)), Some((2, 1)));
-        let Some(Delivery::Rest(rest)) = out.pop_front() else {
-            panic!("expected the rest of the event, got {out:?}");
-        };
-        assert!(matches!(
-            queue.poll_recv_direct(&mut cx, &mut out, None),
-            Poll::Ready(Err(CloseReason::Slow))
-        ));
         // The writer writes the rest: the browser gets the filler, then the chunk whole.
         let want = chunk(&big);
         let timeout = std::time::Duration::from_secs(10);

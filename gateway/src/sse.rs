@@ -485,16 +485,18 @@ impl SseBody {
                 return Poll::Ready(None);
             }
             if self.ends.as_mut().poll(cx).is_ready() {
-                return match self.ending {
-                    Ending::Duration => {
-                        self.finish("duration");
-                        Poll::Ready(None)
-                    }
-                    Ending::Expired => {
-                        self.finish("token_expired");
-                        Poll::Ready(Some(Bytes::from_static(EXPIRED)))
-                    }
+                // The last bytes are this writer's: the hub stops writing first, and the rest
+                // of an event it wrote in part goes out before them.
+                let (direct, rest) = self.session.queue.stop_direct();
+                self.take_back(direct);
+                let (end, last) = match self.ending {
+                    Ending::Duration => ("duration", &b""[..]),
+                    Ending::Expired => ("token_expired", EXPIRED),
                 };
+                self.finish(end);
+                let mut out = BytesMut::from(rest.as_deref().unwrap_or_default());
+                out.extend_from_slice(last);
+                return Poll::Ready((!out.is_empty()).then(|| out.freeze()));
             }
             if let Some(prelude) = self.prelude.take() {
                 return Poll::Ready(Some(prelude));
