@@ -23,7 +23,7 @@ use eventgate_core::{Channel, GapReason, Shards};
 use futures::task::AtomicWaker;
 use tokio::net::TcpStream;
 
-use crate::{frame::Frame, live::LiveSenders};
+use crate::{frame::Frame, live::LiveSenders, server::Taken};
 
 /// Something for one client's writer.
 #[derive(Debug, Clone)]
@@ -173,13 +173,13 @@ impl ClientQueue {
             return Pushed::Duplicate;
         }
         match crate::server::try_write_chunk(socket, &frame.sse) {
-            Ok(None) => {
+            Ok(Taken::All) => {
                 direct.floor = frame.seq();
                 direct.written += 1;
                 Pushed::Written
             }
             // Part went out: the rest goes first, written by the writer.
-            Ok(Some(rest)) if rest.len() < crate::server::chunk_len(frame.sse.len()) => {
+            Ok(Taken::Part(rest)) => {
                 direct.floor = frame.seq();
                 direct.written += 1;
                 self.push_locked(state, Delivery::Rest(rest.into_boxed_slice()));

@@ -451,7 +451,13 @@ fn stream_sse(mut body: SseBody, timeout: Duration) -> impl Future<Output = io::
                     // The common case is one `writev` that takes the whole chunk; only a
                     // socket that cannot take it all arms the write timeout (boxed: it is
                     // rare, and would otherwise take room in every stream's task).
-                    let written = match try_write_chunk(socket, &data) {
+                    let rest = match try_write_chunk(socket, &data) {
+                        Ok(Taken::All) => Ok(None),
+                        Ok(Taken::Part(rest)) => Ok(Some(rest)),
+                        Ok(Taken::Nothing) => Ok(Some(chunk_bytes(&data))),
+                        Err(e) => Err(e),
+                    };
+                    let written = match rest {
                         Ok(Some(rest)) => {
                             let slow = Box::pin(write_with_timeout(socket, &rest, timeout));
                             slow.await
@@ -511,29 +517,38 @@ fn poll_stream(socket: &TcpStream, body: &mut SseBody, cx: &mut Context<'_>) -> 
     }
 }
 
-/// Bytes of an HTTP/1.1 chunk of `len` bytes of data: size line, data, CRLF.
-pub(crate) fn chunk_len(len: usize) -> usize {
-    chunk_size_line(len, &mut [0u8; 20]) + len + 2
+/// How much of a chunk the socket took.
+pub(crate) enum Taken {
+    All,
+    /// Part: the rest, to be written before anything else.
+    Part(Vec<u8>),
+    /// Nothing (it would block); nothing is copied.
+    Nothing,
 }
 
 /// Writes one HTTP/1.1 chunk (size line, data, CRLF) with one `writev`, if the socket takes it
-/// at once (a timer per event per client would cost more than the write). `Some(rest)`: what
-/// the socket did not take, all of it when it took nothing. Not async, so its buffers take no
-/// room in every stream's task; the hub's fan-out calls it too.
-pub(crate) fn try_write_chunk(socket: &TcpStream, data: &[u8]) -> io::Result<Option<Vec<u8>>> {
+/// at once (a timer per event per client would cost more than the write). Not async, so its
+/// buffers take no room in every stream's task; the hub's fan-out calls it too.
+pub(crate) fn try_write_chunk(socket: &TcpStream, data: &[u8]) -> io::Result<Taken> {
     let mut line = [0u8; 20];
     let line_len = chunk_size_line(data.len(), &mut line);
     let parts: [&[u8]; 3] = [&line[..line_len], data, b"\r\n"];
     let total: usize = parts.iter().map(|p| p.len()).sum();
     let slices = parts.map(io::IoSlice::new);
-    let written = match socket.try_write_vectored(&slices) {
-        Ok(n) if n == total => return Ok(None),
-        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(e),
-    };
-    Ok(Some(parts.concat().split_off(written)))
+    match socket.try_write_vectored(&slices) {
+        Ok(n) if n == total => Ok(Taken::All),
+        Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+        Ok(n) => Ok(Taken::Part(parts.concat().split_off(n))),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Taken::Nothing),
+        Err(e) => Err(e),
+    }
+}
+
+/// The whole HTTP/1.1 chunk of `data`, for a write that waits.
+fn chunk_bytes(data: &[u8]) -> Vec<u8> {
+    let mut line = [0u8; 20];
+    let line_len = chunk_size_line(data.len(), &mut line);
+    [&line[..line_len], data, b"\r\n"].concat()
 }
 
 /// `{len:x}\r\n` into `out`; returns its length.
