@@ -697,3 +697,83 @@ async fn handshakes_work_on_first_and_reused_connections() {
         assert_eq!(error["error"]["code"], "websocket_handshake", "{error}");
     }
 }
+
+/// A WebSocket that stops reading while large events arrive, and pings meanwhile, then reads
+/// again. While it waits the gateway writes events straight to its socket, and a full socket
+/// leaves events half written: every event still arrives whole, once and in order, and every
+/// ping gets its pong, with nothing written inside another frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_websocket_gets_whole_events_in_order_and_its_pongs() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::{MaybeTlsStream, tungstenite::client::IntoClientRequest};
+    let stack = Stack::start(Backend::Memory).await;
+    let url = stack.ws_url(0);
+    let mut request = url.as_str().into_client_request().expect("request");
+    let bearer = format!("Bearer {}", test_token());
+    request
+        .headers_mut()
+        .insert("authorization", bearer.parse().expect("header"));
+    let addr: std::net::SocketAddr = request
+        .uri()
+        .authority()
+        .expect("host")
+        .as_str()
+        .parse()
+        .expect("ip:port");
+    // A small receive buffer: the gateway's socket fills after a few events.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(8 * 1024).expect("SO_RCVBUF");
+    let tcp = socket.connect(addr).await.expect("connect");
+    let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp))
+        .await
+        .expect("handshake");
+    let mut ws = WsClient {
+        stream,
+        hello: Value::Null,
+    };
+    ws.hello = ws.next_json(SOON).await.expect("connected");
+    ws.subscribe("orders", None).await;
+
+    let pad = "x".repeat(50_000);
+    let mut ids = Vec::new();
+    for round in 0..3 {
+        // About 2 MB per round, more than the socket holds: the client reads nothing.
+        for _ in 0..40 {
+            let n = ids.len();
+            ids.push(
+                stack
+                    .publish_one("orders", json!({"n": n, "pad": pad}))
+                    .await,
+            );
+        }
+        let ping = Message::Ping(format!("p{round}").into_bytes().into());
+        ws.stream.send(ping).await.expect("ping");
+    }
+    let mut got = Vec::new();
+    let mut pongs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while got.len() < ids.len() || pongs.len() < 3 {
+        let message = tokio::time::timeout_at(deadline, ws.stream.next())
+            .await
+            .expect("everything within 30 s")
+            .expect("open")
+            .expect("a well-formed frame");
+        match message {
+            Message::Text(text) => {
+                let event: Value = serde_json::from_str(&text).expect("JSON");
+                assert_eq!(event["type"], "event", "{}", truncate(&text));
+                assert_eq!(event["data"]["n"], got.len(), "in order, none missing");
+                assert_eq!(event["data"]["pad"].as_str().map(str::len), Some(pad.len()));
+                got.push(event_id(&event));
+            }
+            Message::Pong(payload) => pongs.push(String::from_utf8_lossy(&payload).into_owned()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(got, ids);
+    assert_eq!(pongs, ["p0", "p1", "p2"]);
+}
+
+fn truncate(text: &str) -> &str {
+    &text[..text.len().min(200)]
+}

@@ -56,10 +56,18 @@ impl Frame {
 
     /// `{"type":"event",…}`, rendered once per replica.
     pub fn ws_text(&self) -> Utf8Bytes {
+        self.ws_rendered().clone()
+    }
+
+    /// [`Frame::ws_text`]'s bytes, for a write straight to a socket.
+    pub fn ws_bytes(&self) -> &[u8] {
+        self.ws_rendered().as_bytes()
+    }
+
+    fn ws_rendered(&self) -> &Utf8Bytes {
         // `build` already decoded this body, so rendering cannot fail here.
         self.ws
             .get_or_init(|| ws_event(&self.event).unwrap_or_default())
-            .clone()
     }
 }
 

@@ -102,14 +102,28 @@ struct QueueState {
     direct: Option<Direct>,
 }
 
-/// A waiting SSE writer's leave for the hub to write its events straight to the socket.
+impl QueueState {
+    /// The rest of a half-written event, if it is next.
+    fn take_rest(&mut self) -> Option<Box<[u8]>> {
+        match self.items.front() {
+            Some(Delivery::Rest(_)) => match self.items.pop_front() {
+                Some(Delivery::Rest(rest)) => Some(rest),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// A waiting writer's leave for the hub to write its events straight to the socket.
 ///
-/// Only for a stream on one shard, with no replay running and nothing queued or half written:
-/// then an event's bytes are the frame's shared bytes as they are, and the only state to keep
-/// is the position. The hub writes only what the socket takes at once, under the queue's lock;
-/// the writer takes the leave back (with the position) before it writes anything itself, so
-/// the two never interleave. An event the socket takes only in part leaves its rest at the
-/// front of the queue; one it does not take at all is queued as usual.
+/// Only for a stream on one shard (a WebSocket: on one channel), with no replay running and
+/// nothing queued or half written: then an event's bytes are the frame's shared bytes as they
+/// are, and the only state to keep is the position. The hub writes only what the socket takes
+/// at once, under the queue's lock; the writer takes the leave back (with the position) before
+/// it writes anything itself, so the two never interleave. An event the socket takes only in
+/// part leaves its rest at the front of the queue; one it does not take at all is queued as
+/// usual.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Direct {
     pub shard: usize,
@@ -117,6 +131,32 @@ pub struct Direct {
     pub floor: u64,
     /// Events the hub wrote since the writer last looked.
     pub written: u64,
+    pub form: Form,
+    /// The writer had to write while it waited (a WebSocket answers a ping from its read
+    /// side): the hub writes nothing more until the leave is taken back.
+    pub paused: bool,
+}
+
+/// How an event is framed on a stream's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// An HTTP/1.1 chunk holding the SSE event.
+    Sse,
+    /// A WebSocket text frame holding the event's JSON.
+    WebSocket,
+}
+
+impl Direct {
+    /// A leave at `floor` on `shard`, nothing written yet.
+    pub fn new(shard: usize, floor: u64, form: Form) -> Self {
+        Self {
+            shard,
+            floor,
+            written: 0,
+            form,
+            paused: false,
+        }
+    }
 }
 
 /// What became of an event handed to a client's queue.
@@ -163,7 +203,9 @@ impl ClientQueue {
         let writable = direct
             && state.closed.is_none()
             && state.items.is_empty()
-            && state.direct.is_some_and(|d| d.shard == frame.shard);
+            && state
+                .direct
+                .is_some_and(|d| d.shard == frame.shard && !d.paused);
         let (Some(socket), Some(direct), true) =
             (self.socket.get(), state.direct.as_mut(), writable)
         else {
@@ -172,7 +214,11 @@ impl ClientQueue {
         if frame.seq() <= direct.floor {
             return Pushed::Duplicate;
         }
-        match crate::server::try_write_chunk(socket, &frame.sse) {
+        let taken = match direct.form {
+            Form::Sse => crate::server::try_write_chunk(socket, &frame.sse),
+            Form::WebSocket => crate::ws::try_write_text(socket, frame.ws_bytes()),
+        };
+        match taken {
             Ok(Taken::All) => {
                 direct.floor = frame.seq();
                 direct.written += 1;
@@ -284,6 +330,28 @@ impl ClientQueue {
         Poll::Ready(Ok(direct))
     }
 
+    /// Lends the hub the socket while the writer waits (see [`Direct`]), if nothing is queued:
+    /// for a writer whose own writes may come from elsewhere than its wait for deliveries (a
+    /// WebSocket's read side), so the leave must be in place before either is polled. Wait
+    /// with [`ClientQueue::poll_recv_direct`] and no offer; take the leave back after.
+    pub fn lend(&self, offer: Direct) {
+        let mut state = self.lock();
+        if state.items.is_empty() && state.closed.is_none() && state.direct.is_none() {
+            state.direct = Some(offer);
+        }
+    }
+
+    /// Stops the hub's writes for a writer about to write while it waits (the leave stays,
+    /// paused, for the writer to take back), and hands over the rest of a half-written event:
+    /// it goes out before anything else.
+    pub fn pause_direct(&self) -> Option<Box<[u8]>> {
+        let mut state = self.lock();
+        if let Some(direct) = state.direct.as_mut() {
+            direct.paused = true;
+        }
+        state.take_rest()
+    }
+
     /// Takes back the hub's leave to write (the writer is ending), with what it wrote.
     pub fn take_direct(&self) -> Option<Direct> {
         self.lock().direct.take()
@@ -293,14 +361,7 @@ impl ClientQueue {
     /// queued: a writer that ends by itself writes that rest before its last bytes.
     pub fn stop_direct(&self) -> (Option<Direct>, Option<Box<[u8]>>) {
         let mut state = self.lock();
-        let direct = state.direct.take();
-        if !matches!(state.items.front(), Some(Delivery::Rest(_))) {
-            return (direct, None);
-        }
-        match state.items.pop_front() {
-            Some(Delivery::Rest(rest)) => (direct, Some(rest)),
-            _ => (direct, None),
-        }
+        (state.direct.take(), state.take_rest())
     }
 
     /// Waits for deliveries; see [`ClientQueue::poll_recv`].
@@ -738,14 +799,7 @@ mod tests {
         let (_, queue) = member(&hub, &orders);
         let (gateway, mut browser) = socket_pair().await;
         assert!(queue.attach_socket(gateway).is_ok());
-        park(
-            &queue,
-            Direct {
-                shard: 0,
-                floor: 1,
-                written: 0,
-            },
-        );
+        park(&queue, Direct::new(0, 1, Form::Sse));
         // At or below the position: the replay sent it already.
         hub.dispatch(frame(1, &orders));
         let second = frame(2, &orders);
@@ -759,9 +813,8 @@ mod tests {
         assert_eq!(
             queue.take_direct(),
             Some(Direct {
-                shard: 0,
-                floor: 2,
-                written: 1
+                written: 1,
+                ..Direct::new(0, 2, Form::Sse)
             })
         );
         assert_eq!(hub.stats.events_delivered.load(Ordering::Relaxed), 1);
@@ -783,14 +836,7 @@ mod tests {
             let (_, queue) = member(&hub, &orders);
             let (gateway, browser) = socket_pair().await;
             assert!(queue.attach_socket(gateway).is_ok());
-            park(
-                &queue,
-                Direct {
-                    shard: 0,
-                    floor: 0,
-                    written: 0,
-                },
-            );
+            park(&queue, Direct::new(0, 0, Form::Sse));
             browsers.push(browser);
             queues.push(queue);
         }
@@ -850,11 +896,7 @@ mod tests {
             }
         }
         assert!(queue.attach_socket(gateway).is_ok());
-        let offer = Direct {
-            shard: 0,
-            floor: 0,
-            written: 0,
-        };
+        let offer = Direct::new(0, 0, Form::Sse);
         park(&queue, offer);
         let blocked = frame(1, &orders);
         hub.dispatch(blocked.clone());
@@ -918,6 +960,104 @@ mod tests {
         let all = reader.await.expect("reader");
         assert_eq!(all.len(), filled + want.len());
         assert_eq!(&all[all.len() - want.len()..], &want[..]);
+    }
+
+    /// A WebSocket text frame as the gateway writes it.
+    fn text_frame(frame: &Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        tungstenite::protocol::frame::Frame::message(
+            frame.ws_bytes().to_vec(),
+            tungstenite::protocol::frame::coding::OpCode::Data(
+                tungstenite::protocol::frame::coding::Data::Text,
+            ),
+            true,
+        )
+        .format(&mut out)
+        .expect("format");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_waiting_websocket_lets_the_hub_write_whole_frames_to_its_socket() {
+        use tokio::io::AsyncReadExt;
+        let (hub, _live) = hub(8);
+        let orders = Channel::parse("orders").unwrap();
+        let (_, queue) = member(&hub, &orders);
+        let (gateway, mut browser) = socket_pair().await;
+        assert!(queue.attach_socket(gateway).is_ok());
+        queue.lend(Direct::new(0, 1, Form::WebSocket));
+        hub.dispatch(frame(1, &orders));
+        let second = frame(2, &orders);
+        hub.dispatch(second.clone());
+        let want = text_frame(&second);
+        let mut got = vec![0u8; want.len()];
+        browser.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, want, "one text frame, the event's JSON");
+        assert!(queue.lock().items.is_empty());
+        assert_eq!(
+            queue.take_direct(),
+            Some(Direct {
+                written: 1,
+                ..Direct::new(0, 2, Form::WebSocket)
+            })
+        );
+    }
+
+    /// The hub wrote part of an event while the WebSocket waited, and the WebSocket then writes
+    /// (a pong from its read side): the event is finished first, and the hub stops.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_half_written_websocket_event_is_finished_before_the_connections_own_writes() {
+        use futures::SinkExt;
+        use tokio::io::AsyncReadExt;
+        use tungstenite::{Message, protocol::Role};
+        let (hub, _live) = hub(8);
+        let orders = Channel::parse("orders").unwrap();
+        let (_, queue) = member(&hub, &orders);
+        let (gateway, mut browser) = socket_pair().await;
+        assert!(queue.attach_socket(gateway).is_ok());
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            browser.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        queue.lend(Direct::new(0, 1, Form::WebSocket));
+        let event = eventgate_core::Event {
+            seq: 2,
+            channel: orders.clone(),
+            body: Bytes::from(format!(
+                r#"{{"data":"{}","timestamp":"t"}}"#,
+                "x".repeat(32 * 1024 * 1024)
+            )),
+        };
+        let big = Arc::new(Frame::build(event, 0).expect("valid body"));
+        hub.dispatch(big.clone());
+        assert!(
+            matches!(queue.lock().items.front(), Some(Delivery::Rest(_))),
+            "the socket took part of 32 MiB"
+        );
+        let io = crate::ws::WsIo::new(
+            crate::ws::Io::shared(queue.clone()),
+            std::time::Duration::from_secs(10),
+        );
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        ws.send(Message::Pong(Bytes::from_static(b"p")))
+            .await
+            .expect("pong");
+        // The leave is paused: the next event is queued, not written.
+        hub.dispatch(frame(3, &orders));
+        assert!(matches!(queue.lock().items.front(), Some(Delivery::Event(f)) if f.seq() == 3));
+        let taken = queue.take_direct();
+        assert_eq!(
+            taken.map(|d| (d.floor, d.written, d.paused)),
+            Some((2, 1, true))
+        );
+        drop((ws, queue, hub));
+        let mut want = text_frame(&big);
+        want.extend_from_slice(&[0x8a, 1, b'p']);
+        let all = reader.await.expect("reader");
+        assert_eq!(all.len(), want.len());
+        assert!(all == want, "the whole event, then the pong");
     }
 
     #[tokio::test]

@@ -422,7 +422,13 @@ async fn open_ws(
     let accept = ws::accept_head(key);
     drop(request);
     write_with_timeout(&stream, accept.as_bytes(), timeout).await?;
-    let io = WsIo::new(Io::Tcp(stream), timeout);
+    // The socket goes with the client's queue: the hub writes events to it while the
+    // connection waits (see `hub::Direct`).
+    let queue = session.queue.clone();
+    if queue.attach_socket(stream).is_err() {
+        return Ok(None);
+    }
+    let io = WsIo::new(Io::shared(queue), timeout);
     Ok(Some(ws::connection(
         state,
         session,
@@ -532,9 +538,14 @@ pub(crate) enum Taken {
 pub(crate) fn try_write_chunk(socket: &TcpStream, data: &[u8]) -> io::Result<Taken> {
     let mut line = [0u8; 20];
     let line_len = chunk_size_line(data.len(), &mut line);
-    let parts: [&[u8]; 3] = [&line[..line_len], data, b"\r\n"];
+    try_write_parts(socket, &[&line[..line_len], data, b"\r\n"])
+}
+
+/// Writes `parts` with one `writev` if the socket takes them at once; says how much it took.
+pub(crate) fn try_write_parts(socket: &TcpStream, parts: &[&[u8]]) -> io::Result<Taken> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    let slices = parts.map(io::IoSlice::new);
+    let slices: [io::IoSlice<'_>; 3] =
+        std::array::from_fn(|i| io::IoSlice::new(parts.get(i).copied().unwrap_or_default()));
     match socket.try_write_vectored(&slices) {
         Ok(n) if n == total => Ok(Taken::All),
         Ok(0) => Err(io::ErrorKind::WriteZero.into()),

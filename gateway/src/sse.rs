@@ -29,7 +29,7 @@ use crate::{
     GatewayState,
     error::ApiError,
     frame::{Frame, sse_position, sse_position_event, sse_reset},
-    hub::{ClientQueue, CloseReason, Delivery, Direct, Stats},
+    hub::{ClientQueue, CloseReason, Delivery, Direct, Form, Stats},
     metrics::EndReason,
     replay::{Replay, ReplayItem},
     session::{Attached, Session, Start, Transport},
@@ -573,11 +573,9 @@ impl SseBody {
     fn direct_offer(&self) -> Option<Direct> {
         let floors = self.floors.as_ref()?;
         match floors.shards[..] {
-            [(shard, floor)] if self.pending.is_empty() && !self.finished => Some(Direct {
-                shard,
-                floor,
-                written: 0,
-            }),
+            [(shard, floor)] if self.pending.is_empty() && !self.finished => {
+                Some(Direct::new(shard, floor, Form::Sse))
+            }
             _ => None,
         }
     }

@@ -42,8 +42,9 @@ use crate::{
     GatewayState,
     auth::check_ws_origin,
     error::ApiError,
-    hub::{CloseReason, Delivery, Stats},
+    hub::{ClientQueue, CloseReason, Delivery, Direct, Form, Stats},
     replay::{Replay, ReplayItem},
+    server::Taken,
     session::{Session, ShardStart, Start, Transport},
 };
 
@@ -225,11 +226,36 @@ pub(crate) struct WsIo {
     stalled: Option<Pin<Box<Sleep>>>,
 }
 
-/// The socket itself when the gateway read the handshake, or hyper's upgraded connection when
-/// the handshake came through the router.
+/// The socket, kept with the client's queue when the gateway read the handshake (the hub may
+/// write events to it, see [`Direct`]), or hyper's upgraded connection when the handshake
+/// came through the router.
 pub(crate) enum Io {
-    Tcp(TcpStream),
+    Shared(Shared),
     Upgraded(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+/// A socket kept with the client's queue, and what keeps the hub's writes and the WebSocket's
+/// apart. (Here rather than in [`WsIo`]: no larger than the upgraded connection, so it costs
+/// an idle connection nothing.)
+pub(crate) struct Shared {
+    queue: Arc<ClientQueue>,
+    /// The rest of an event the hub began writing to the socket: it goes out before anything
+    /// the WebSocket writes.
+    rest: Option<Box<[u8]>>,
+    /// Bytes the WebSocket wrote may wait in its buffer (a write did not finish, or no flush
+    /// followed yet): the hub must not write in between.
+    unflushed: bool,
+}
+
+impl Io {
+    /// The socket attached to `queue` (see [`ClientQueue::attach_socket`]).
+    pub(crate) fn shared(queue: Arc<ClientQueue>) -> Self {
+        Io::Shared(Shared {
+            queue,
+            rest: None,
+            unflushed: false,
+        })
+    }
 }
 
 impl WsIo {
@@ -238,6 +264,21 @@ impl WsIo {
             io,
             write_timeout,
             stalled: None,
+        }
+    }
+
+    /// Whether the hub may write to the socket while the connection waits: the gateway's own
+    /// socket, with nothing of the WebSocket's or the hub's half written.
+    fn may_lend(&self) -> bool {
+        matches!(&self.io, Io::Shared(shared) if shared.rest.is_none() && !shared.unflushed)
+    }
+
+    /// Queues the rest of a half-written event: written before anything else.
+    fn finish_event(&mut self, rest: Box<[u8]>) {
+        match &mut self.io {
+            Io::Shared(shared) => append(&mut shared.rest, rest),
+            // Only the gateway's own sockets are lent to the hub.
+            Io::Upgraded(_) => {}
         }
     }
 
@@ -258,6 +299,76 @@ impl WsIo {
     }
 }
 
+fn append(slot: &mut Option<Box<[u8]>>, rest: Box<[u8]>) {
+    *slot = Some(match slot.take() {
+        Some(before) => [&before[..], &rest[..]].concat().into_boxed_slice(),
+        None => rest,
+    });
+}
+
+impl Shared {
+    /// The socket, once the hub is stopped (see [`ClientQueue::pause_direct`]) and a
+    /// half-written event is finished.
+    fn ready_to_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<&TcpStream>> {
+        let Some(socket) = self.queue.socket() else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        if let Some(more) = self.queue.pause_direct() {
+            append(&mut self.rest, more);
+        }
+        while let Some(bytes) = self.rest.as_deref() {
+            let n = std::task::ready!(poll_write_shared(socket, cx, bytes))?;
+            self.rest = (n < bytes.len()).then(|| bytes[n..].into());
+        }
+        Poll::Ready(Ok(socket))
+    }
+}
+
+/// One write to a socket shared with the hub (`&TcpStream`, which has no `AsyncWrite`).
+fn poll_write_shared(
+    socket: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(socket.poll_write_ready(cx))?;
+        match socket.try_write(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Ok(0) if !buf.is_empty() => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+/// Writes one WebSocket text frame (a server's: unmasked) with one `writev`, if the socket
+/// takes it at once; for the hub's fan-out, like [`crate::server::try_write_chunk`].
+pub(crate) fn try_write_text(socket: &TcpStream, text: &[u8]) -> io::Result<Taken> {
+    let mut head = [0u8; 10];
+    let head_len = text_head(text.len(), &mut head);
+    crate::server::try_write_parts(socket, &[&head[..head_len], text])
+}
+
+/// A final text frame's header (RFC 6455 section 5.2) into `out`; returns its length.
+fn text_head(len: usize, out: &mut [u8; 10]) -> usize {
+    out[0] = 0x81; // FIN, text
+    match len {
+        0..=125 => {
+            out[1] = len as u8;
+            2
+        }
+        126..=0xffff => {
+            out[1] = 126;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            out[1] = 127;
+            out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        }
+    }
+}
+
 impl AsyncRead for WsIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -265,7 +376,22 @@ impl AsyncRead for WsIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match &mut self.io {
-            Io::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Io::Shared(shared) => {
+                let Some(socket) = shared.queue.socket() else {
+                    return Poll::Ready(Ok(()));
+                };
+                loop {
+                    std::task::ready!(socket.poll_read_ready(cx))?;
+                    match socket.try_read(buf.initialize_unfilled()) {
+                        Ok(n) => {
+                            buf.advance(n);
+                            return Poll::Ready(Ok(()));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+            }
             Io::Upgraded(upgraded) => Pin::new(upgraded).poll_read(cx, buf),
         }
     }
@@ -277,27 +403,49 @@ impl AsyncWrite for WsIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let poll = match &mut self.io {
-            Io::Tcp(tcp) => Pin::new(tcp).poll_write(cx, buf),
+        let this = &mut *self;
+        let poll = match &mut this.io {
+            Io::Shared(shared) => {
+                shared.unflushed = true;
+                match shared.ready_to_write(cx) {
+                    Poll::Ready(Ok(socket)) => poll_write_shared(socket, cx, buf),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
             Io::Upgraded(upgraded) => Pin::new(upgraded).poll_write(cx, buf),
         };
-        self.limit(cx, poll)
+        this.limit(cx, poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let poll = match &mut self.io {
-            Io::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+        let this = &mut *self;
+        let poll = match &mut this.io {
+            Io::Shared(shared) => {
+                let poll = shared.ready_to_write(cx).map_ok(|_| ());
+                if let Poll::Ready(Ok(())) = poll {
+                    shared.unflushed = false;
+                }
+                poll
+            }
             Io::Upgraded(upgraded) => Pin::new(upgraded).poll_flush(cx),
         };
-        self.limit(cx, poll)
+        this.limit(cx, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let poll = match &mut self.io {
-            Io::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+        let this = &mut *self;
+        let poll = match &mut this.io {
+            Io::Shared(shared) => match shared.ready_to_write(cx) {
+                Poll::Ready(Ok(socket)) => {
+                    Poll::Ready(socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Write))
+                }
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => Poll::Pending,
+            },
             Io::Upgraded(upgraded) => Pin::new(upgraded).poll_shutdown(cx),
         };
-        self.limit(cx, poll)
+        this.limit(cx, poll)
     }
 }
 
@@ -428,10 +576,22 @@ impl WsConnection {
         let greeting = Box::pin(self.send_json(hello));
         greeting.await?;
         loop {
+            // While this waits, the hub may write the channel's events to the socket itself.
+            // The leave is lent before the socket is polled: a pong written from the read side
+            // pauses it (see `WsIo`).
+            if let Some(offer) = self.direct_offer() {
+                self.session.queue.lend(offer);
+            }
             tokio::select! {
-                received = self.session.queue.recv(&mut self.pending) => match received {
-                    Ok(()) => self.flush_pending().await?,
+                received = std::future::poll_fn(|cx| {
+                    self.session.queue.poll_recv_direct(cx, &mut self.pending, None)
+                }) => match received {
+                    Ok(direct) => {
+                        self.take_back(direct);
+                        self.flush_pending().await?;
+                    }
                     Err(CloseReason::Slow) => {
+                        self.take_back(None);
                         return Err(Ending::close(
                             code::TRY_AGAIN_LATER,
                             "too slow; reconnect and subscribe with since",
@@ -439,13 +599,16 @@ impl WsConnection {
                         ));
                     }
                     Err(CloseReason::Shutdown) => {
+                        self.take_back(None);
                         return Err(Ending::close(code::GOING_AWAY, "server shutting down; reconnect", "shutdown"));
                     }
                 },
                 _ = self.expires.as_mut() => {
+                    self.take_back(None);
                     return Err(Ending::close(code::POLICY, "token expired", "token_expired"));
                 }
                 message = self.socket.next() => {
+                    self.take_back(None);
                     self.last_heard = Instant::now();
                     match message {
                         None | Some(Ok(Message::Close(_))) => return Ok(()),
@@ -469,6 +632,31 @@ impl WsConnection {
                 }
             }
         }
+    }
+
+    /// Whether the hub may write events straight to the socket while this waits: subscribed
+    /// to one channel (so its position is one seq), with nothing to write, on the gateway's
+    /// own socket with nothing half written. A replay runs to its end before this waits.
+    fn direct_offer(&self) -> Option<Direct> {
+        if !self.pending.is_empty() || self.floors.len() != 1 || !self.socket.get_ref().may_lend() {
+            return None;
+        }
+        let (channel, floor) = self.floors.iter().next()?;
+        let shard = self.state.broker.shard_of(channel);
+        Some(Direct::new(shard, *floor, Form::WebSocket))
+    }
+
+    /// Takes the hub's leave back, with what it wrote meanwhile (`direct`, or still lent).
+    fn take_back(&mut self, direct: Option<Direct>) {
+        let Some(direct) = direct.or_else(|| self.session.queue.take_direct()) else {
+            return;
+        };
+        // The leave was lent for the only channel, and channels change only after this.
+        if let Some(floor) = self.floors.values_mut().next() {
+            *floor = (*floor).max(direct.floor);
+        }
+        // The hub counted them as delivered.
+        self.sent += direct.written;
     }
 
     async fn send(&mut self, message: Message) -> Step {
@@ -507,6 +695,12 @@ impl WsConnection {
                     ));
                 }
             }
+            if let Delivery::Rest(rest) = delivery {
+                // The rest of an event the hub began writing: before anything else.
+                self.socket.get_mut().finish_event(rest);
+                wrote = true;
+                continue;
+            }
             if let Some(message) = self.render(delivery) {
                 self.socket
                     .feed(message)
@@ -540,7 +734,7 @@ impl WsConnection {
                 self.uncounted += 1;
                 Some(Message::Text(frame.ws_text()))
             }
-            // Only SSE streams lend their socket to the hub.
+            // Positions are SSE's; a rest is written as is (`flush_pending`).
             Delivery::Position { .. } | Delivery::Rest(_) => None,
             Delivery::Heartbeat => Some(Message::Ping(Bytes::new())),
             Delivery::Reset(notice) => {
@@ -952,6 +1146,28 @@ mod tests {
 
     /// A WebSocket's task holds this future for its whole life (docs/memory.md): subscribing
     /// and replaying are boxed, and `run` keeps the connection once.
+    #[test]
+    fn text_frame_headers_match_tungstenites() {
+        use tungstenite::protocol::frame::{
+            Frame,
+            coding::{Data, OpCode},
+        };
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
+            let payload = vec![b'a'; len];
+            let mut want = Vec::new();
+            Frame::message(payload.clone(), OpCode::Data(Data::Text), true)
+                .format(&mut want)
+                .expect("format");
+            let mut head = [0u8; 10];
+            let head_len = text_head(len, &mut head);
+            assert_eq!(
+                [&head[..head_len], &payload[..]].concat(),
+                want,
+                "{len} bytes"
+            );
+        }
+    }
+
     #[test]
     fn an_idle_websockets_task_stays_small() {
         fn returned<A, R>(_: impl Fn(A) -> R) -> usize {
