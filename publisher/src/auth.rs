@@ -114,6 +114,8 @@ impl SubjectPattern {
 /// every digest in constant time, so neither timing nor length tells how close a guess was.
 pub struct ApiKeys {
     keys: Vec<([u8; 32], KeyScope)>,
+    /// Each key's [`ApiKeys::namespace`], hashed once at start rather than per request.
+    namespaces: Vec<KeyNamespace>,
 }
 
 impl ApiKeys {
@@ -152,8 +154,15 @@ impl ApiKeys {
                 parse_entry(entry)
                     .map_err(|e| AuthSetupError::new(format!("{setting}: entry {}: {e}", i + 1)))
             })
-            .collect::<Result<_, _>>()?;
-        Ok(Self { keys })
+            .collect::<Result<Vec<_>, _>>()?;
+        let namespaces = keys
+            .iter()
+            .map(|(digest, _)| {
+                let hashed = Sha256::digest(digest);
+                KeyNamespace(hashed[..8].iter().map(|b| format!("{b:02x}")).collect())
+            })
+            .collect();
+        Ok(Self { keys, namespaces })
     }
 
     /// Which key `presented` is (its index, for per-key limits) and its scope.
@@ -172,9 +181,10 @@ impl ApiKeys {
     /// A stable name for key `index` that reveals nothing of it: idempotency keys are kept per
     /// API key, so two backends never answer each other's retries.
     pub fn namespace(&self, index: usize) -> KeyNamespace {
-        let digest = self.keys.get(index).map_or([0; 32], |(d, _)| *d);
-        let hashed = Sha256::digest(digest);
-        KeyNamespace(hashed[..8].iter().map(|b| format!("{b:02x}")).collect())
+        self.namespaces
+            .get(index)
+            .cloned()
+            .unwrap_or_else(|| KeyNamespace(String::new()))
     }
 }
 
