@@ -115,6 +115,10 @@ impl QueueState {
     }
 }
 
+/// Deliveries a waiting writer's buffer may keep room for: a burst can grow it to the queue's
+/// capacity (4,096 by default, 96 KiB), which an idle stream should not hold on to.
+const KEEP_IDLE: usize = 64;
+
 /// A waiting writer's leave for the hub to write its events straight to the socket.
 ///
 /// Only for a stream on one shard (a WebSocket: on one channel), with no replay running and
@@ -320,6 +324,11 @@ impl ClientQueue {
             return Poll::Ready(Err(reason));
         }
         if state.items.is_empty() {
+            // Going idle: the buffer a burst grew is released, not kept for the stream's life.
+            // (The queue's own buffer is the writer's last one, swapped in, so small too.)
+            if out.is_empty() && out.capacity() > KEEP_IDLE {
+                *out = VecDeque::new();
+            }
             // Registered under the lock: a push after this sees `was_empty` and wakes us.
             self.waker.register(cx.waker());
             // A leave already given stays: the hub may have moved its position.
@@ -1058,6 +1067,35 @@ mod tests {
         let all = reader.await.expect("reader");
         assert_eq!(all.len(), want.len());
         assert!(all == want, "the whole event, then the pong");
+    }
+
+    #[test]
+    fn a_stream_that_goes_idle_after_a_burst_releases_its_buffers() {
+        let (hub, _live) = hub(4096);
+        let orders = Channel::parse("orders").unwrap();
+        let (_, queue) = member(&hub, &orders);
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut out = VecDeque::new();
+        for round in 0..2u64 {
+            for seq in 1..=1000 {
+                hub.dispatch(frame(round * 1000 + seq, &orders));
+            }
+            assert!(matches!(
+                queue.poll_recv(&mut cx, &mut out),
+                Poll::Ready(Ok(()))
+            ));
+            assert_eq!(out.len(), 1000);
+            out.clear();
+            // Waiting again, with nothing queued.
+            assert!(queue.poll_recv(&mut cx, &mut out).is_pending());
+            assert!(
+                out.capacity() <= KEEP_IDLE,
+                "writer kept {}",
+                out.capacity()
+            );
+            let kept = queue.lock().items.capacity();
+            assert!(kept <= KEEP_IDLE, "queue kept {kept}");
+        }
     }
 
     #[tokio::test]
