@@ -549,7 +549,17 @@ pub(crate) fn try_write_parts(socket: &TcpStream, parts: &[&[u8]]) -> io::Result
     match socket.try_write_vectored(&slices) {
         Ok(n) if n == total => Ok(Taken::All),
         Ok(0) => Err(io::ErrorKind::WriteZero.into()),
-        Ok(n) => Ok(Taken::Part(parts.concat().split_off(n))),
+        Ok(n) => {
+            // Only what is left is copied (the hub calls this under the queue's lock).
+            let mut rest = Vec::with_capacity(total - n);
+            let mut skip = n;
+            for part in parts {
+                let taken = skip.min(part.len());
+                rest.extend_from_slice(&part[taken..]);
+                skip -= taken;
+            }
+            Ok(Taken::Part(rest))
+        }
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Taken::Nothing),
         Err(e) => Err(e),
     }
