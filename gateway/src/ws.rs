@@ -1144,8 +1144,7 @@ fn parse_subscribe(message: &Value) -> Result<(Channel, Option<u64>), ApiError> 
 mod tests {
     use super::*;
 
-    /// A WebSocket's task holds this future for its whole life (docs/memory.md): subscribing
-    /// and replaying are boxed, and `run` keeps the connection once.
+    /// The hub writes text frames itself: byte for byte what tungstenite would write.
     #[test]
     fn text_frame_headers_match_tungstenites() {
         use tungstenite::protocol::frame::{
@@ -1168,6 +1167,8 @@ mod tests {
         }
     }
 
+    /// A WebSocket's task holds this future for its whole life (docs/memory.md): subscribing
+    /// and replaying are boxed, and `run` keeps the connection once.
     #[test]
     fn an_idle_websockets_task_stays_small() {
         fn returned<A, R>(_: impl Fn(A) -> R) -> usize {
