@@ -5,8 +5,8 @@
 //! slow: the queue is emptied at once (memory is released even if the socket is stuck), the
 //! client is removed, and its writer ends the stream so the browser resumes from its last id.
 //!
-//! An SSE stream the gateway writes itself also lends the hub its socket: while its writer
-//! waits with nothing queued, the hub writes an event straight to the socket when the socket
+//! An SSE stream or a WebSocket the gateway writes itself also lends the hub its socket: while
+//! its writer waits with nothing queued, the hub writes an event straight to the socket when the socket
 //! takes it at once (see [`Direct`]), which saves a wake-up, a schedule and a poll per delivery.
 
 use std::{
