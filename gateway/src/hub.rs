@@ -802,28 +802,50 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_sse_writer_lets_the_hub_write_events_straight_to_its_socket() {
+        direct_writes(Form::Sse).await;
+    }
+
+    #[tokio::test]
+    async fn a_waiting_websocket_lets_the_hub_write_whole_frames_to_its_socket() {
+        direct_writes(Form::WebSocket).await;
+    }
+
+    /// The bytes of `frame` on the wire, in `form`.
+    fn wire(frame: &Frame, form: Form) -> Vec<u8> {
+        match form {
+            Form::Sse => chunk(frame),
+            Form::WebSocket => text_frame(frame),
+        }
+    }
+
+    /// A writer lends its socket at position 1; events 1 and 2 are dispatched.
+    async fn direct_writes(form: Form) {
         use tokio::io::AsyncReadExt;
         let (hub, _live) = hub(8);
         let orders = Channel::parse("orders").unwrap();
         let (_, queue) = member(&hub, &orders);
         let (gateway, mut browser) = socket_pair().await;
         assert!(queue.attach_socket(gateway).is_ok());
-        park(&queue, Direct::new(0, 1, Form::Sse));
+        match form {
+            // An SSE writer offers the leave as it waits; a WebSocket lends it before.
+            Form::Sse => park(&queue, Direct::new(0, 1, form)),
+            Form::WebSocket => queue.lend(Direct::new(0, 1, form)),
+        }
         // At or below the position: the replay sent it already.
         hub.dispatch(frame(1, &orders));
         let second = frame(2, &orders);
         hub.dispatch(second.clone());
-        let want = chunk(&second);
+        let want = wire(&second, form);
         let mut got = vec![0u8; want.len()];
         browser.read_exact(&mut got).await.expect("read");
-        assert_eq!(got, want, "one HTTP chunk, the frame's bytes");
+        assert_eq!(got, want, "the frame's bytes, framed once");
         // Nothing queued, so the writer was not woken; it learns what was written.
         assert!(queue.lock().items.is_empty());
         assert_eq!(
             queue.take_direct(),
             Some(Direct {
                 written: 1,
-                ..Direct::new(0, 2, Form::Sse)
+                ..Direct::new(0, 2, form)
             })
         );
         assert_eq!(hub.stats.events_delivered.load(Ordering::Relaxed), 1);
@@ -926,15 +948,7 @@ mod tests {
         let socket = queue.socket().expect("attached");
         socket.writable().await.expect("writable");
         park(&queue, offer);
-        let event = eventgate_core::Event {
-            seq: 2,
-            channel: orders.clone(),
-            body: Bytes::from(format!(
-                r#"{{"data":"{}","timestamp":"t"}}"#,
-                "x".repeat(32 * 1024 * 1024)
-            )),
-        };
-        let big = Arc::new(Frame::build(event, 0).expect("valid body"));
+        let big = large_frame(2, &orders);
         hub.dispatch(big.clone());
         let rest = if closed {
             queue.close(CloseReason::Slow);
@@ -971,6 +985,19 @@ mod tests {
         assert_eq!(&all[all.len() - want.len()..], &want[..]);
     }
 
+    /// An event of 32 MiB: more than a socket takes at once.
+    fn large_frame(seq: u64, channel: &Channel) -> Arc<Frame> {
+        let event = eventgate_core::Event {
+            seq,
+            channel: channel.clone(),
+            body: Bytes::from(format!(
+                r#"{{"data":"{}","timestamp":"t"}}"#,
+                "x".repeat(32 * 1024 * 1024)
+            )),
+        };
+        Arc::new(Frame::build(event, 0).expect("valid body"))
+    }
+
     /// A WebSocket text frame as the gateway writes it.
     fn text_frame(frame: &Frame) -> Vec<u8> {
         let mut out = Vec::new();
@@ -984,32 +1011,6 @@ mod tests {
         .format(&mut out)
         .expect("format");
         out
-    }
-
-    #[tokio::test]
-    async fn a_waiting_websocket_lets_the_hub_write_whole_frames_to_its_socket() {
-        use tokio::io::AsyncReadExt;
-        let (hub, _live) = hub(8);
-        let orders = Channel::parse("orders").unwrap();
-        let (_, queue) = member(&hub, &orders);
-        let (gateway, mut browser) = socket_pair().await;
-        assert!(queue.attach_socket(gateway).is_ok());
-        queue.lend(Direct::new(0, 1, Form::WebSocket));
-        hub.dispatch(frame(1, &orders));
-        let second = frame(2, &orders);
-        hub.dispatch(second.clone());
-        let want = text_frame(&second);
-        let mut got = vec![0u8; want.len()];
-        browser.read_exact(&mut got).await.expect("read");
-        assert_eq!(got, want, "one text frame, the event's JSON");
-        assert!(queue.lock().items.is_empty());
-        assert_eq!(
-            queue.take_direct(),
-            Some(Direct {
-                written: 1,
-                ..Direct::new(0, 2, Form::WebSocket)
-            })
-        );
     }
 
     /// The hub wrote part of an event while the WebSocket waited, and the WebSocket then writes
@@ -1030,15 +1031,7 @@ mod tests {
             all
         });
         queue.lend(Direct::new(0, 1, Form::WebSocket));
-        let event = eventgate_core::Event {
-            seq: 2,
-            channel: orders.clone(),
-            body: Bytes::from(format!(
-                r#"{{"data":"{}","timestamp":"t"}}"#,
-                "x".repeat(32 * 1024 * 1024)
-            )),
-        };
-        let big = Arc::new(Frame::build(event, 0).expect("valid body"));
+        let big = large_frame(2, &orders);
         hub.dispatch(big.clone());
         assert!(
             matches!(queue.lock().items.front(), Some(Delivery::Rest(_))),
