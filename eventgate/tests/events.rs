@@ -785,3 +785,34 @@ async fn a_stream_with_a_duration_ends_by_itself(backend: Backend) {
         "invalid_duration"
     );
 }
+
+/// An idle publisher sends each publish in a script call of its own; publishes that arrive
+/// while calls are in flight wait and share the next calls. Every publish gets its own id
+/// either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_share_script_calls_only_when_they_overlap() {
+    let stack = Stack::start(Backend::Redis).await;
+    let redis = stack.redis();
+    let before = redis.script_calls().await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(stack.publish_one("orders", json!(i)).await);
+    }
+    assert_eq!(redis.script_calls().await - before, 10, "one call each");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+
+    // Fifty at once while Redis holds writes back: the first calls wait in Redis, the rest of
+    // the requests wait in the publisher's queue and go together once the calls return.
+    let before = redis.script_calls().await;
+    let _: () = redis.query(&["CLIENT", "PAUSE", "500", "WRITE"]).await;
+    let publishes = (0..50).map(|i| stack.publish_one("orders", json!(i)));
+    let mut ids = futures::future::join_all(publishes).await;
+    let calls = redis.script_calls().await - before;
+    assert!(
+        calls <= 10,
+        "{calls} script calls for 50 overlapping publishes"
+    );
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 50, "every publish has its own id");
+}

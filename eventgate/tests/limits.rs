@@ -582,7 +582,7 @@ async fn a_storm_of_2000_clients_resuming_at_once_loses_nothing() {
         .trim_start_matches("http://")
         .to_owned();
     let redis = stack.redis();
-    let scripts_before = evalsha_calls(redis).await;
+    let scripts_before = redis.script_calls().await;
     let mut clients = tokio::task::JoinSet::new();
     for i in 0..2000u32 {
         let token = token_for(&format!("user-{i}"), &["storm"], Duration::from_secs(600));
@@ -622,20 +622,11 @@ async fn a_storm_of_2000_clients_resuming_at_once_loses_nothing() {
         "{retries:?}"
     );
     // History was read in shared pages, not once per client (publishes are script calls too).
-    let scripts = evalsha_calls(redis).await - scripts_before;
+    let scripts = redis.script_calls().await - scripts_before;
     assert!(
         scripts < 200,
         "{scripts} script calls for 2,000 resuming clients"
     );
-}
-
-async fn evalsha_calls(redis: &RedisServer) -> u64 {
-    let info: String = redis.query(&["INFO", "commandstats"]).await;
-    info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// One request may write at most `MAX_PUBLISH_ENTRIES` stream entries: 1,000 events on 100

@@ -297,6 +297,16 @@ impl RedisServer {
         }
         cmd.query_async(&mut conn).await.expect("redis command")
     }
+
+    /// Script calls (`EVALSHA`) this server has run, from `INFO commandstats`.
+    pub async fn script_calls(&self) -> u64 {
+        let info: String = self.query(&["INFO", "commandstats"]).await;
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
 }
 
 async fn ping(client: redis::Client) -> bool {
