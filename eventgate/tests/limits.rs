@@ -501,6 +501,105 @@ async fn a_request_head_that_never_finishes_is_dropped() {
     assert_eq!(id, before + 1);
 }
 
+/// Reads one HTTP/1.1 answer with a `Content-Length` body from `stream`, leaving what follows
+/// in `pending`; returns the head (lowercased) and the body.
+async fn read_answer(stream: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Value) {
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no content-length in {head}"));
+            if pending.len() >= end + 4 + length {
+                let body: Vec<u8> = pending.drain(..end + 4 + length).skip(end + 4).collect();
+                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                return (head, body);
+            }
+        }
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(SOON, stream.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(pending));
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_keep_alive_connection_carries_publishes_refusals_and_other_routes_in_order() {
+    // What a backend's HTTP client does: many requests on one connection, some pipelined.
+    let stack = memory_stack(|_| {}).await;
+    let before = stack.publish_one("k", json!(0)).await;
+    let publish = |key: &str, data: u32| {
+        let body = format!(r#"{{"channel":"k","data":{data}}}"#);
+        format!(
+            "POST /v1/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let addr = stack.publisher.url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let pipelined = [
+        publish(TEST_PUBLISHER_KEY, 1),
+        publish("not-the-key-0123456789", 2),
+        publish(TEST_PUBLISHER_KEY, 3),
+    ]
+    .concat();
+    stream.write_all(pipelined.as_bytes()).await.expect("write");
+    let mut pending = Vec::new();
+    let mut ids = Vec::new();
+    for want in [202, 401, 202] {
+        let (head, body) = read_answer(&mut stream, &mut pending).await;
+        assert!(head.starts_with(&format!("http/1.1 {want} ")), "{head}");
+        assert!(
+            head.contains("\r\ncontent-type: application/json"),
+            "{head}"
+        );
+        assert!(head.contains("\r\ndate: "), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        if want == 202 {
+            let id = body["published"][0]["id"].as_str().expect("id");
+            ids.push(id.parse::<u64>().expect("numeric id"));
+        } else {
+            assert_eq!(body["error"]["code"], "invalid_key");
+        }
+    }
+    // In order, and the refused one published nothing.
+    assert_eq!(ids, [before + 1, before + 2]);
+    // Another route on the same connection, then publishes again.
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let (head, body) = read_answer(&mut stream, &mut pending).await;
+    assert!(head.starts_with("http/1.1 200 "), "{head}");
+    assert_eq!(body["status"], "ok");
+    stream
+        .write_all(publish(TEST_PUBLISHER_KEY, 4).as_bytes())
+        .await
+        .expect("write");
+    let (head, body) = read_answer(&mut stream, &mut pending).await;
+    assert!(head.starts_with("http/1.1 202 "), "{head}");
+    assert_eq!(body["published"][0]["id"], (before + 3).to_string());
+    // A refusal before the body arrived whole closes the connection: the rest of that body
+    // must not be read as a request.
+    let partial =
+        b"POST /v1/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer nope-0123456789abcdef\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{\"chan";
+    let answer = raw_exchange(&stack.publisher.url, partial).await;
+    assert_eq!(status_and_code(&answer), (401, "invalid_key".into()));
+    assert!(
+        answer.to_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    let received = stack.publish_one("k", json!(5)).await;
+    assert_eq!(received, before + 4);
+}
+
 /// A minimal SSE reader for the storm: resumes from `last_id`, reads until it has `want`
 /// events; returns the ids it saw and the `retry:` it was given.
 async fn storm_client(

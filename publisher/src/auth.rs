@@ -267,10 +267,28 @@ pub async fn require_key(
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let (scope, namespace) = admit(&state, request.headers(), peer)?;
+    request.extensions_mut().insert(scope);
+    request.extensions_mut().insert(namespace);
+    Ok(next.run(request).await)
+}
+
+/// What every request under the key check goes through, on either HTTP path: refused while
+/// shutting down, then the key and its rate limit; a request without a valid key counts
+/// against its address's limit (`peer`, through trusted proxies).
+pub(crate) fn admit(
+    state: &PublisherState,
+    headers: &HeaderMap,
+    peer: Option<IpAddr>,
+) -> Result<(KeyScope, KeyNamespace), ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::ShuttingDown);
     }
-    match key_scope(&state, request.headers()) {
+    match key_scope(state, headers) {
         Ok((index, scope)) => {
             state
                 .limits
@@ -280,21 +298,11 @@ pub async fn require_key(
                     per: "for this API key",
                     retry,
                 })?;
-            request.extensions_mut().insert(scope);
-            let namespace = state.auth.keys.namespace(index);
-            request.extensions_mut().insert(namespace);
-            Ok(next.run(request).await)
+            Ok((scope, state.auth.keys.namespace(index)))
         }
         Err(unauthorized) => {
-            let peer = request
-                .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|c| c.0.ip());
             if let Some(peer) = peer {
-                let client = state
-                    .config
-                    .trusted_proxies
-                    .client_key(peer, request.headers());
+                let client = state.config.trusted_proxies.client_key(peer, headers);
                 state
                     .limits
                     .unauthenticated

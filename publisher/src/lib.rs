@@ -6,13 +6,14 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metrics;
+mod native;
 pub mod publish;
 
 use std::{io, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{ConnectInfo, DefaultBodyLimit, Request, State},
+    extract::{DefaultBodyLimit, Request, State},
     http::{Method, StatusCode, header},
     middleware,
     response::{IntoResponse, Response},
@@ -21,11 +22,6 @@ use axum::{
 use eventgate_core::{
     Broker,
     redact::{log_response, traced_request_span},
-};
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-    service::TowerToHyperService,
 };
 use tower_http::{
     cors::{AllowOrigin, CorsLayer},
@@ -37,7 +33,7 @@ use tower_http::{
 pub use auth::PublisherAuth;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 pub use config::PublisherConfig;
 
@@ -171,15 +167,11 @@ pub async fn run(
         Duration::from_secs(10),
         shutdown.clone().cancelled_owned(),
     ));
-    let header_timeout = state.config.request_header_timeout;
-    let router = app(state);
-    // hyper directly rather than `axum::serve`: it bounds how long a request head may take
-    // (slowloris), which `axum::serve` does not.
-    let graceful = GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+    let router = app(state.clone());
+    // Each connection serves plain publishes itself and hands anything else to hyper and the
+    // router (see `native`), which bounds how long a request head may take (slowloris).
+    let connections = TaskTracker::new();
+    let closing = CancellationToken::new();
     // After SIGTERM: requests are refused with 503 (readiness too) while connections are still
     // taken for DRAIN_GRACE, so load balancers move on; then the listener closes.
     let stop = async {
@@ -193,16 +185,9 @@ pub async fn run(
             accepted = eventgate_core::serve::accept(&listener) => accepted,
         };
         let _ = stream.set_nodelay(true);
-        let service = tower::ServiceBuilder::new()
-            .map_request(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request
-            })
-            .service(router.clone());
         let connection =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
+            native::connection(stream, peer, state.clone(), router.clone(), closing.clone());
+        connections.spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -210,7 +195,9 @@ pub async fn run(
     }
     drop(listener);
     // In-flight requests finish; idle keep-alive connections close.
-    if tokio::time::timeout(grace, graceful.shutdown())
+    closing.cancel();
+    connections.close();
+    if tokio::time::timeout(grace, connections.wait())
         .await
         .is_err()
     {

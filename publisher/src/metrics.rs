@@ -41,6 +41,22 @@ pub struct PublisherMetrics {
     pub broker_errors: Counter,
 }
 
+impl PublisherMetrics {
+    /// Counts a finished request by route template and status; times publishes.
+    pub(crate) fn record(&self, route: &str, status: u16, started: Instant) {
+        if route == "/v1/publish" {
+            self.publish_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status,
+            })
+            .inc();
+    }
+}
+
 impl Default for PublisherMetrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("eventgate_publisher");
@@ -93,19 +109,9 @@ pub async fn track(
         .to_owned();
     let started = Instant::now();
     let response = next.run(request).await;
-    let metrics = &state.metrics;
-    if route == "/v1/publish" {
-        metrics
-            .publish_latency
-            .observe(started.elapsed().as_secs_f64());
-    }
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
-            status: response.status().as_u16(),
-        })
-        .inc();
+    state
+        .metrics
+        .record(&route, response.status().as_u16(), started);
     response
 }
 

@@ -85,21 +85,41 @@ pub async fn publish(
     Extension(namespace): Extension<KeyNamespace>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, HeaderMap, Json<PublishResponse>), ApiError> {
+) -> Result<Accepted, ApiError> {
     check_content_type(&headers)?;
     let body = body.map_err(|rejection| match rejection.status() {
         _ if timed_out(&rejection) => ApiError::BodyTimeout,
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge {
-            code: "body_too_large",
-            message: format!(
-                "the request body is over {} bytes (MAX_BODY_BYTES)",
-                state.config.max_body_bytes
-            ),
-        },
+        StatusCode::PAYLOAD_TOO_LARGE => too_large(&state.config),
         _ => ApiError::invalid("invalid_request", rejection.body_text()),
     })?;
+    publish_body(&state, &scope, &namespace, &headers, &body).await
+}
+
+/// A publish's answer: 202, the ids, and `Idempotent-Replayed` for a retry.
+pub type Accepted = (StatusCode, HeaderMap, Json<PublishResponse>);
+
+/// The answer to a body over `MAX_BODY_BYTES`.
+pub(crate) fn too_large(config: &PublisherConfig) -> ApiError {
+    ApiError::TooLarge {
+        code: "body_too_large",
+        message: format!(
+            "the request body is over {} bytes (MAX_BODY_BYTES)",
+            config.max_body_bytes
+        ),
+    }
+}
+
+/// Publishes a request whose key was checked and whose body has arrived: what
+/// `POST /v1/publish` does after its headers, on either HTTP path.
+pub(crate) async fn publish_body(
+    state: &PublisherState,
+    scope: &KeyScope,
+    namespace: &KeyNamespace,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Accepted, ApiError> {
     let timestamp = format_timestamp(SystemTime::now());
-    let mut entries = parse(&body, &state.config, &timestamp)?;
+    let mut entries = parse(body, &state.config, &timestamp)?;
     let header = match headers.get("idempotency-key") {
         Some(value) => Some(value.to_str().map_err(|_| {
             ApiError::invalid(
