@@ -787,8 +787,8 @@ async fn a_stream_with_a_duration_ends_by_itself(backend: Backend) {
 }
 
 /// An idle publisher sends each publish in a script call of its own; publishes that arrive
-/// while calls are in flight wait and share the next calls. Every publish gets its own id
-/// either way.
+/// while a call is in flight wait and share the next call (one in flight at a time). Every
+/// publish gets its own id either way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_share_script_calls_only_when_they_overlap() {
     let stack = Stack::start(Backend::Redis).await;
@@ -798,18 +798,21 @@ async fn publishes_share_script_calls_only_when_they_overlap() {
     for i in 0..10 {
         ids.push(stack.publish_one("orders", json!(i)).await);
     }
-    assert_eq!(redis.script_calls().await - before, 10, "one call each");
+    // (A gateway's position marker is a script call too, now and then.)
+    let calls = redis.script_calls().await - before;
+    assert!((10..=11).contains(&calls), "{calls} calls: one each");
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
 
-    // Fifty at once while Redis holds writes back: the first calls wait in Redis, the rest of
-    // the requests wait in the publisher's queue and go together once the calls return.
+    // Fifty at once while Redis holds writes back: the first call waits in Redis, the rest of
+    // the requests wait in the publisher's queue and go together once it returns: two calls,
+    // and perhaps a marker. (Four calls in flight would make five.)
     let before = redis.script_calls().await;
     let _: () = redis.query(&["CLIENT", "PAUSE", "500", "WRITE"]).await;
     let publishes = (0..50).map(|i| stack.publish_one("orders", json!(i)));
     let mut ids = futures::future::join_all(publishes).await;
     let calls = redis.script_calls().await - before;
     assert!(
-        calls <= 10,
+        calls <= 3,
         "{calls} script calls for 50 overlapping publishes"
     );
     ids.sort_unstable();

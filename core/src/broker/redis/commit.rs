@@ -2,17 +2,20 @@
 //! into the next one.
 //!
 //! Most of a publish's cost in Redis is the script call itself (invocation, arguments, `TIME`,
-//! the clock, the reply), not the events in it. Under load, concurrent requests share calls;
-//! an idle publisher sends each request at once. Every request's events still run in one
-//! atomic script. Calls run on a task of their own, so a client that gives up on its request
-//! cannot cancel a call other requests are in.
+//! `INFO`, the clock, the reply: about 40 µs), not the events in it (about 5 µs each). Under
+//! load, concurrent requests share calls; an idle publisher sends each request at once. One
+//! call is in flight at a time: Redis runs scripts one after another anyway, and calls that
+//! wait for each other take more events each (16 single-event clients: 6.2 events per call
+//! instead of 2.5 with four in flight, a third less Redis CPU per publish and a quarter more
+//! publishes a second). Every request's events still run in one atomic script. Calls run on a
+//! task of their own, so a client that gives up on its request cannot cancel a call other
+//! requests are in.
 
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
 };
 
-use futures::{StreamExt, stream::FuturesUnordered};
 use redis::Script;
 use tokio::{
     sync::{Notify, oneshot},
@@ -92,14 +95,13 @@ impl Committer {
             pending: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
         });
-        let concurrency = commands.size();
         let call = Arc::new(Call {
             commands,
             script: super::sharded(super::script!("publish.lua"), sharded),
             keys,
             config,
         });
-        let task = tokio::spawn(run(queue.clone(), call.clone(), concurrency));
+        let task = tokio::spawn(run(queue.clone(), call.clone()));
         Self { queue, call, task }
     }
 
@@ -127,21 +129,15 @@ impl Committer {
     }
 }
 
-/// Takes queued requests into calls, at most `concurrency` calls at a time (one per
-/// connection, so calls pipeline).
-async fn run(queue: Arc<Queue>, call: Arc<Call>, concurrency: usize) {
-    let mut inflight = FuturesUnordered::new();
+/// Takes queued requests into calls, one call at a time: what arrives meanwhile waits for the
+/// next.
+async fn run(queue: Arc<Queue>, call: Arc<Call>) {
     loop {
-        while inflight.len() < concurrency {
-            let batch = queue.take();
-            if batch.is_empty() {
-                break;
-            }
-            inflight.push(commit(call.clone(), batch));
-        }
-        tokio::select! {
-            _ = queue.wake.notified(), if inflight.len() < concurrency => {}
-            Some(()) = inflight.next() => {}
+        let batch = queue.take();
+        if batch.is_empty() {
+            queue.wake.notified().await;
+        } else {
+            commit(call.clone(), batch).await;
         }
     }
 }
