@@ -140,7 +140,10 @@ for s in $SCENARIOS; do case $s in
      start_nchan 2 ;;
   e) run "(e) publish, single" $(eg_all) publish $EGT --clients 16 --batch 1 --duration 10s
      run "(e) publish, batches of 100" $(eg_all) publish $EGT --clients 16 --batch 100 --duration 10s
-     run "(e) publish, single" $(nchan_all) publish $NCT --clients 16 --batch 1 --duration 10s ;;
+     run "(e) publish, single" $(nchan_all) publish $NCT --clients 16 --batch 1 --duration 10s
+     # More publishers at once: requests share script calls and wake-ups.
+     run "(e) publish, single, 64 clients" $(eg_all) publish $EGT --clients 64 --batch 1 --duration 10s
+     run "(e) publish, single, 64 clients" $(nchan_all) publish $NCT --clients 64 --batch 1 --duration 10s ;;
   f) for t in eg nchan; do
        if [ $t = eg ]; then args="$(eg_all) resume $EGT"; else args="$(nchan_all) resume $NCT"; fi
        run "(f) 2k clients resuming 1,000 behind" $args --clients 2000 --behind 1000

@@ -72,6 +72,11 @@ impl Commands {
         })
     }
 
+    /// How many connections there are (calls in flight at once, one per connection).
+    pub(super) fn size(&self) -> usize {
+        self.size
+    }
+
     fn pool(&self) -> Arc<Pool> {
         self.pool
             .lock()
