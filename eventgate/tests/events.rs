@@ -786,6 +786,70 @@ async fn a_stream_with_a_duration_ends_by_itself(backend: Backend) {
     );
 }
 
+/// Script calls Redis holds back (`CLIENT PAUSE`) whose arguments take over `bytes`.
+async fn large_calls_held(redis: &RedisServer, bytes: u64) -> usize {
+    let clients: String = redis.query(&["CLIENT", "LIST"]).await;
+    clients
+        .lines()
+        .filter(|client| {
+            let field = |name: &str| {
+                client
+                    .split(' ')
+                    .find_map(|f| f.strip_prefix(name))
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            field("flags=").contains('b') && field("argv-mem=").parse().unwrap_or(0) > bytes
+        })
+        .count()
+}
+
+/// Large requests do not wait for the call in flight: once a hundred events queue up, a second
+/// call goes to Redis beside it (Redis runs them in order), so Redis does not sit idle between
+/// large calls. Ids still follow the order the calls ran in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_waiting_events_start_a_second_script_call() {
+    let stack = std::sync::Arc::new(Stack::start(Backend::Redis).await);
+    let redis = stack.redis();
+    let _: () = redis.query(&["CLIENT", "PAUSE", "5000", "WRITE"]).await;
+    // A first call, recognisable by its 20 KB event, waits in Redis.
+    let first = tokio::spawn({
+        let stack = stack.clone();
+        async move { stack.publish_one("orders", json!("x".repeat(20_000))).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while large_calls_held(redis, 10_000).await < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first call never reached Redis"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 150 events queue behind it, and go to Redis without waiting for it.
+    let events: Vec<serde_json::Value> = (0..150)
+        .map(|i| json!({"channel": "orders", "data": i}))
+        .collect();
+    let second = tokio::spawn({
+        let stack = stack.clone();
+        async move { stack.publish(json!({"events": events})).await }
+    });
+    while large_calls_held(redis, 10_000).await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "150 queued events waited for the call in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: () = redis.query(&["CLIENT", "UNPAUSE"]).await;
+    let first = first.await.expect("first publish");
+    let second = second.await.expect("second publish");
+    assert_eq!(second.len(), 150);
+    assert!(
+        second.iter().all(|(_, id)| *id > first),
+        "{first} {second:?}"
+    );
+}
+
 /// An idle publisher sends each publish in a script call of its own; publishes that arrive
 /// while a call is in flight wait and share the next call (one in flight at a time). Every
 /// publish gets its own id either way.
