@@ -57,7 +57,8 @@ impl HeadEnd {
         let new = &head[from.min(head.len())..];
         self.examined += new.len();
         self.scanned = head.len();
-        new.windows(4).any(|w| w == b"\r\n\r\n")
+        // `\n\r\n` ends `\r\n\r\n` too; httparse (and hyper) also take bare line feeds.
+        new.windows(2).any(|w| w == b"\n\n") || new.windows(3).any(|w| w == b"\n\r\n")
     }
 }
 
@@ -188,6 +189,9 @@ mod tests {
             end.examined,
             head.len()
         );
+        // Bare line feeds end a head too, as httparse reads them.
+        assert!(HeadEnd::default().found(b"GET /healthz HTTP/1.1\nhost: x\n\n"));
+        assert!(!HeadEnd::default().found(b"GET /healthz HTTP/1.1\r\nhost: x\r\n"));
         // Split anywhere, the terminator is still found once complete.
         for split in 1..4 {
             let mut end = HeadEnd::default();

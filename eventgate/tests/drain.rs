@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::json;
 use support::*;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_replica_serves_through_the_grace_then_sends_clients_elsewhere() {
@@ -104,4 +108,39 @@ async fn a_draining_publisher_finishes_what_it_has_and_refuses_new_requests_with
         matches!(stopped, Ok(Ok(Ok(())))),
         "publisher stopped within DRAIN_TIMEOUT"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_in_flight_when_the_publisher_closes_is_answered_with_connection_close() {
+    let mut options = Options::default();
+    options.publisher.drain_grace = Duration::from_millis(200);
+    options.publisher.shutdown_timeout = Duration::from_secs(5);
+    let stack = Stack::start_with(Backend::Redis, options).await;
+    let redis = stack.redis();
+    // A publish held in Redis while the publisher's drain grace runs out.
+    let _: () = redis.query(&["CLIENT", "PAUSE", "5000", "WRITE"]).await;
+    let body = json!({"channel": "p", "data": "x".repeat(20_000)}).to_string();
+    let request = format!(
+        "POST /v1/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TEST_PUBLISHER_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let addr = stack.publisher.url.trim_start_matches("http://").to_owned();
+    let mut stream = TcpStream::connect(&addr).await.expect("connect");
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let held = wait_until(SOON, || async { redis.held_calls_over(10_000).await == 1 }).await;
+    assert!(held, "the publish reached Redis");
+    stack.publisher.shutdown.cancel();
+    let closed = wait_until(SOON, || async { TcpStream::connect(&addr).await.is_err() }).await;
+    assert!(closed, "the listener closed after the drain grace");
+    let _: () = redis.query(&["CLIENT", "UNPAUSE"]).await;
+    // Answered, and told not to send more on this connection, which then ends.
+    let mut answer = Vec::new();
+    tokio::time::timeout(SOON, stream.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .expect("read");
+    let answer = String::from_utf8_lossy(&answer).to_lowercase();
+    assert!(answer.starts_with("http/1.1 202 "), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
 }

@@ -786,24 +786,6 @@ async fn a_stream_with_a_duration_ends_by_itself(backend: Backend) {
     );
 }
 
-/// Script calls Redis holds back (`CLIENT PAUSE`) whose arguments take over `bytes`.
-async fn large_calls_held(redis: &RedisServer, bytes: u64) -> usize {
-    let clients: String = redis.query(&["CLIENT", "LIST"]).await;
-    clients
-        .lines()
-        .filter(|client| {
-            let field = |name: &str| {
-                client
-                    .split(' ')
-                    .find_map(|f| f.strip_prefix(name))
-                    .unwrap_or_default()
-                    .to_owned()
-            };
-            field("flags=").contains('b') && field("argv-mem=").parse().unwrap_or(0) > bytes
-        })
-        .count()
-}
-
 /// Large requests do not wait for the call in flight: once a hundred events queue up, a second
 /// call goes to Redis beside it (Redis runs them in order), so Redis does not sit idle between
 /// large calls. Ids still follow the order the calls ran in.
@@ -818,7 +800,7 @@ async fn a_hundred_waiting_events_start_a_second_script_call() {
         async move { stack.publish_one("orders", json!("x".repeat(20_000))).await }
     });
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-    while large_calls_held(redis, 10_000).await < 1 {
+    while redis.held_calls_over(10_000).await < 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the first call never reached Redis"
@@ -833,7 +815,7 @@ async fn a_hundred_waiting_events_start_a_second_script_call() {
         let stack = stack.clone();
         async move { stack.publish(json!({"events": events})).await }
     });
-    while large_calls_held(redis, 10_000).await < 2 {
+    while redis.held_calls_over(10_000).await < 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "150 queued events waited for the call in flight"

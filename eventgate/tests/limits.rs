@@ -501,6 +501,41 @@ async fn a_request_head_that_never_finishes_is_dropped() {
     assert_eq!(id, before + 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_keeps_arriving_is_not_cut_off_and_bare_line_feeds_end_a_head() {
+    // REQUEST_BODY_TIMEOUT bounds a silence, not the whole body: four parts 300 ms apart take
+    // longer than the timeout in all, and each gap is well within it.
+    let stack = memory_stack(|o| o.publisher.request_body_timeout = Duration::from_secs(1)).await;
+    let before = stack.publish_one("c", json!(0)).await;
+    let body = r#"{"channel":"c","data":"slow and steady"}"#;
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TEST_PUBLISHER_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let addr = stack.publisher.url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(head.as_bytes()).await.expect("write");
+    let (a, rest) = body.split_at(10);
+    let (b, rest) = rest.split_at(10);
+    let (c, d) = rest.split_at(10);
+    for part in [a, b, c, d] {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.write_all(part.as_bytes()).await.expect("write");
+    }
+    let mut pending = Vec::new();
+    let (answer, json) = read_answer(&mut stream, &mut pending).await;
+    assert!(answer.starts_with("http/1.1 202 "), "{answer}");
+    assert_eq!(json["published"][0]["id"], (before + 1).to_string());
+    // A head ended by bare line feeds (`printf ... | nc`) is answered, not left to time out.
+    let answer = raw_exchange(
+        &stack.publisher.url,
+        b"GET /healthz HTTP/1.1\nhost: x\nconnection: close\n\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+}
+
 /// Reads one HTTP/1.1 answer with a `Content-Length` body from `stream`, leaving what follows
 /// in `pending`; returns the head (lowercased) and the body.
 async fn read_answer(stream: &mut TcpStream, pending: &mut Vec<u8>) -> (String, Value) {

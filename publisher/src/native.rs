@@ -51,6 +51,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_HEAD: usize = 16 * 1024;
 /// Room made for each read.
 const READ_SIZE: usize = 4096;
+/// Most room made at once for a body that is still arriving.
+const BODY_STEP: usize = 64 * 1024;
 /// What tower-http's CORS layer adds to every answer when the console's CORS is on.
 const CORS_VARY: &str =
     "vary: origin, access-control-request-method, access-control-request-headers\r\n";
@@ -104,15 +106,23 @@ pub(crate) async fn connection(
         };
         let started = Instant::now();
         let span = traced_request_span("POST", "/v1/publish", &request.headers);
-        let served = serve(&mut stream, &mut buf, &mut out, peer, &state, request)
-            .instrument(span.clone())
-            .await?;
+        let served = serve(
+            &mut stream,
+            &mut buf,
+            &mut out,
+            peer,
+            &state,
+            request,
+            &closing,
+        )
+        .instrument(span.clone())
+        .await?;
         let Some(status) = served else {
             return Ok(());
         };
         span.in_scope(|| log_response(status.code, started.elapsed()));
         state.metrics.record("/v1/publish", status.code, started);
-        if !status.keep_alive || closing.is_cancelled() {
+        if !status.keep_alive {
             return Ok(());
         }
     }
@@ -135,28 +145,27 @@ async fn serve(
     peer: SocketAddr,
     state: &PublisherState,
     request: Publish,
+    closing: &CancellationToken,
 ) -> io::Result<Option<Answered>> {
     let total = request.head_len + request.body_len;
     let answer = match admit(state, &request.headers, Some(peer.ip())) {
         Err(refused) => Err(refused),
         Ok((scope, namespace)) => {
-            if buf.len() < total {
-                buf.reserve(total - buf.len());
-                let body = async {
-                    while buf.len() < total {
-                        if stream.read_buf(buf).await? == 0 {
-                            return Ok(false);
-                        }
-                    }
-                    Ok::<_, io::Error>(true)
-                };
-                match tokio::time::timeout(state.config.request_body_timeout, body).await {
-                    Ok(Ok(true)) => {}
-                    Ok(Ok(false)) => return Ok(None),
+            // As the router's body timeout: `REQUEST_BODY_TIMEOUT` without data, not for the
+            // whole body; and room for it grows as it arrives, not at its declared length.
+            while buf.len() < total {
+                buf.reserve((total - buf.len()).min(BODY_STEP));
+                let read = stream.read_buf(buf);
+                match tokio::time::timeout(state.config.request_body_timeout, read).await {
+                    Ok(Ok(0)) => return Ok(None),
+                    Ok(Ok(_)) => {}
                     Ok(Err(e)) => return Err(e),
                     Err(_) => {
-                        let response = ApiError::BodyTimeout.into_response();
-                        return respond(stream, out, state, response, false).await;
+                        // The router's handler checks the type before it looks at the body.
+                        let refused = check_content_type(&request.headers)
+                            .err()
+                            .unwrap_or(ApiError::BodyTimeout);
+                        return respond(stream, out, state, refused.into_response(), false).await;
                     }
                 }
             }
@@ -170,11 +179,13 @@ async fn serve(
         }
     };
     // A refusal before the body arrived whole closes the connection: the rest of the body
-    // would be read as the next request.
-    let keep_alive = buf.len() >= total;
-    if keep_alive {
+    // would be read as the next request. So does shutdown, saying so (`connection: close`, as
+    // hyper's graceful shutdown does), so the client does not send another request into it.
+    let whole = buf.len() >= total;
+    if whole {
         let _ = buf.split_to(total);
     }
+    let keep_alive = whole && !closing.is_cancelled();
     let response = answer.unwrap_or_else(IntoResponse::into_response);
     respond(stream, out, state, response, keep_alive).await
 }

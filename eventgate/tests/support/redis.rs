@@ -298,6 +298,25 @@ impl RedisServer {
         cmd.query_async(&mut conn).await.expect("redis command")
     }
 
+    /// Commands this server holds back (`CLIENT PAUSE`) whose arguments take over `bytes`:
+    /// a publish's script call, told from a gateway's marker by a large event.
+    pub async fn held_calls_over(&self, bytes: u64) -> usize {
+        let clients: String = self.query(&["CLIENT", "LIST"]).await;
+        clients
+            .lines()
+            .filter(|client| {
+                let field = |name: &str| {
+                    client
+                        .split(' ')
+                        .find_map(|f| f.strip_prefix(name))
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                field("flags=").contains('b') && field("argv-mem=").parse().unwrap_or(0) > bytes
+            })
+            .count()
+    }
+
     /// Script calls (`EVALSHA`) this server has run, from `INFO commandstats`.
     pub async fn script_calls(&self) -> u64 {
         let info: String = self.query(&["INFO", "commandstats"]).await;
