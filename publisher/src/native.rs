@@ -106,33 +106,26 @@ pub(crate) async fn connection(
         };
         let started = Instant::now();
         let span = traced_request_span("POST", "/v1/publish", &request.headers);
-        let served = serve(
-            &mut stream,
-            &mut buf,
-            &mut out,
-            peer,
-            &state,
-            request,
-            &closing,
-        )
-        .instrument(span.clone())
-        .await?;
-        let Some(status) = served else {
-            return Ok(());
+        let exchange = Exchange {
+            out: &mut out,
+            state: &state,
+            started,
         };
-        span.in_scope(|| log_response(status.code, started.elapsed()));
-        state.metrics.record("/v1/publish", status.code, started);
-        if !status.keep_alive {
+        let served = serve(&mut stream, &mut buf, exchange, peer, request, &closing)
+            .instrument(span)
+            .await?;
+        // `None`: the client left; `Some(false)`: the answer closed the connection.
+        if served != Some(true) {
             return Ok(());
         }
     }
 }
 
-/// How a publish was answered.
-struct Answered {
-    code: u16,
-    /// Whether the connection can take another request (its body was read).
-    keep_alive: bool,
+/// What answering one request needs besides the socket.
+struct Exchange<'a> {
+    out: &'a mut Vec<u8>,
+    state: &'a PublisherState,
+    started: Instant,
 }
 
 /// Answers one publish whose head is at the start of `buf`, in the router's order: the key
@@ -141,12 +134,12 @@ struct Answered {
 async fn serve(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
-    out: &mut Vec<u8>,
+    exchange: Exchange<'_>,
     peer: SocketAddr,
-    state: &PublisherState,
     request: Publish,
     closing: &CancellationToken,
-) -> io::Result<Option<Answered>> {
+) -> io::Result<Option<bool>> {
+    let state = exchange.state;
     let total = request.head_len + request.body_len;
     let answer = match admit(state, &request.headers, Some(peer.ip())) {
         Err(refused) => Err(refused),
@@ -165,7 +158,7 @@ async fn serve(
                         let refused = check_content_type(&request.headers)
                             .err()
                             .unwrap_or(ApiError::BodyTimeout);
-                        return respond(stream, out, state, refused.into_response(), false).await;
+                        return respond(stream, exchange, refused.into_response(), false).await;
                     }
                 }
             }
@@ -187,18 +180,23 @@ async fn serve(
     }
     let keep_alive = whole && !closing.is_cancelled();
     let response = answer.unwrap_or_else(IntoResponse::into_response);
-    respond(stream, out, state, response, keep_alive).await
+    respond(stream, exchange, response, keep_alive).await
 }
 
 /// Writes `response` with one write, as hyper would: status line, its headers,
 /// `content-length` and `date`, and `connection: close` when the connection ends after it.
+/// Returns `keep_alive`.
 async fn respond(
     stream: &mut TcpStream,
-    out: &mut Vec<u8>,
-    state: &PublisherState,
+    exchange: Exchange<'_>,
     response: Response,
     keep_alive: bool,
-) -> io::Result<Option<Answered>> {
+) -> io::Result<Option<bool>> {
+    let Exchange {
+        out,
+        state,
+        started,
+    } = exchange;
     let (parts, body) = response.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX)
         .await
@@ -234,11 +232,14 @@ async fn respond(
         },
     )?;
     out.extend_from_slice(&body);
+    // Counted and logged before the answer leaves, as on the router's path: a client that
+    // reads `/metrics` once answered finds its request there.
+    log_response(status.as_u16(), started.elapsed());
+    state
+        .metrics
+        .record("/v1/publish", status.as_u16(), started);
     stream.write_all(out).await?;
-    Ok(Some(Answered {
-        code: status.as_u16(),
-        keep_alive,
-    }))
+    Ok(Some(keep_alive))
 }
 
 /// A complete `POST /v1/publish` head over HTTP/1.1 with a `Content-Length` body within
