@@ -6,6 +6,7 @@
 #   loadtest/bench.sh u a c      # some of them: u a b c d e f (u: unsaturated fan-out and
 #                                # the floor, the comparison BENCHMARKS.md leads with)
 #   EG=path/to/eventgate loadtest/bench.sh e   # another eventgate binary (an A/B of two builds)
+#   PUBLISHER_THREADS=1 loadtest/bench.sh u     # the publisher on one worker thread
 #
 # Needs redis-server, nginx and Debian's libnginx-mod-nchan. Everything listens on 127.0.0.1
 # and is stopped at the end. Raw figures go to $OUT/results.jsonl (default target/bench).
@@ -53,7 +54,8 @@ export RATE_LIMIT_CONNECT="1000000/s,burst=1000000" RATE_LIMIT_PUBLISH="1000000/
 export JWT_SECRET="$(head -c 32 /dev/urandom | base64 | tr -d '=+/\n')"
 export PUBLISHER_API_KEYS="bench-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 export EVENTGATE_PUBLISHER_KEY="$PUBLISHER_API_KEYS"
-"$EG" publisher --publisher-addr "127.0.0.1:$PUB_PORT" > "$OUT/publisher.log" 2>&1 &
+# TOKIO_WORKER_THREADS only when asked: the others keep one worker per core.
+env ${PUBLISHER_THREADS:+TOKIO_WORKER_THREADS=$PUBLISHER_THREADS} "$EG" publisher --publisher-addr "127.0.0.1:$PUB_PORT" > "$OUT/publisher.log" 2>&1 &
 PUB_PID=$!; PIDS+=("$PUB_PID")
 GW_PIDS=()
 for i in "${!GW_PORTS[@]}"; do
