@@ -553,3 +553,42 @@ async fn undecodable_history_entries_are_skipped_and_counted() {
     let stats = stack.stats(0).await;
     assert_eq!(stats["history_entries_skipped"], 2, "{stats}");
 }
+
+/// A command connection whose packets vanish (its Redis host gone without a reset, a dropped
+/// NAT entry) is replaced once a call on it times out: that publish is answered 503
+/// `outcome_unknown`, and every publish after it goes through. (redis-rs reconnects only a
+/// connection known to be broken; TCP would go on retransmitting on this one for about 15
+/// minutes, and every other call would go to it meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_connection_that_stops_answering_is_replaced() {
+    let mut options = Options::default();
+    options.broker.redis_pool_size = 2;
+    options.broker.redis_timeout = Duration::from_millis(500);
+    options.redis_proxy = true;
+    let stack = Stack::start_with(Backend::Redis, options).await;
+    let proxy = stack.proxy.as_ref().expect("a proxy");
+    proxy.black_hole_on(b"lost-in-transit");
+    let (status, body) = stack
+        .post_publish(
+            json!({"channel": "orders", "data": "lost-in-transit"}).to_string(),
+            "application/json",
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "outcome_unknown", "{body}");
+    assert_eq!(proxy.black_holes(), 1);
+
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let (status, body) = stack
+            .post_publish(
+                json!({"channel": "orders", "data": i}).to_string(),
+                "application/json",
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "publish {i}: {body}");
+        ids.push(published(&body)[0].1);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    assert_eq!(proxy.black_holes(), 1);
+}

@@ -133,6 +133,8 @@ pub struct Options {
     pub publisher: PublisherConfig,
     pub auth: AuthConfig,
     pub persistent_redis: bool,
+    /// The services reach Redis through a [`proxy::Proxy`] (`Stack::proxy`).
+    pub redis_proxy: bool,
 }
 
 /// Limits on (their code runs in every test) but never reached by one test's clients, which
@@ -166,6 +168,7 @@ impl Default for Options {
             },
             auth: test_auth(),
             persistent_redis: false,
+            redis_proxy: false,
         }
     }
 }
@@ -193,6 +196,8 @@ pub struct Stack {
     pub shard_servers: Vec<RedisServer>,
     /// The cluster of a `Cluster` stack.
     pub cluster: Option<cluster::RedisCluster>,
+    /// Between the services and Redis, with `Options::redis_proxy`.
+    pub proxy: Option<proxy::Proxy>,
     pub options: Options,
     /// The one broker of a memory stack, shared like in `standalone`.
     memory: Option<Broker>,
@@ -209,6 +214,7 @@ impl Stack {
     pub async fn start_with(backend: Backend, mut options: Options) -> Self {
         let mut shard_servers = Vec::new();
         let mut cluster = None;
+        let mut proxied = None;
         let (redis, memory) = match backend {
             Backend::Cluster => {
                 let nodes = cluster::RedisCluster::shared().await;
@@ -233,6 +239,11 @@ impl Stack {
                     RedisServer::start().await
                 };
                 options.broker.redis_url = Some(redis.url());
+                if options.redis_proxy {
+                    let relay = proxy::Proxy::start(redis.port).await;
+                    options.broker.redis_url = Some(format!("redis://127.0.0.1:{}", relay.port));
+                    proxied = Some(relay);
+                }
                 (Some(redis), None)
             }
         };
@@ -242,6 +253,7 @@ impl Stack {
             redis,
             shard_servers,
             cluster,
+            proxy: proxied,
             memory,
             publisher: Service {
                 url: String::new(),

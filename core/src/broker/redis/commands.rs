@@ -5,7 +5,7 @@ use std::{
     future::Future,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -22,7 +22,71 @@ use crate::BrokerError;
 /// The connections to one primary.
 struct Pool {
     addr: ConnectionAddr,
-    connections: Vec<ConnectionManager>,
+    client: redis::Client,
+    connections: Vec<Slot>,
+}
+
+/// One of the pool's connections, replaced when it stops answering.
+struct Slot {
+    connection: Mutex<ConnectionManager>,
+    /// A replacement is being connected; the old connection is not used meanwhile.
+    replacing: AtomicBool,
+}
+
+impl Pool {
+    /// The next connection to use, passing over those being replaced (unless all are).
+    fn pick(&self, next: &AtomicUsize) -> usize {
+        let n = self.connections.len();
+        let mut i = next.fetch_add(1, Ordering::Relaxed) % n;
+        for _ in 1..n {
+            if !self.connections[i].replacing.load(Ordering::Relaxed) {
+                break;
+            }
+            i = next.fetch_add(1, Ordering::Relaxed) % n;
+        }
+        i
+    }
+
+    fn connection(&self, i: usize) -> ConnectionManager {
+        self.connections[i]
+            .connection
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Connects a new connection in place of connection `i`, in the background. redis-rs
+    /// reconnects only once a connection is known to be broken: one whose packets vanish (a
+    /// host gone without a reset, a dropped NAT or conntrack entry) times out every command
+    /// sent on it for as long as TCP retransmits, about 15 minutes by default.
+    fn replace(self: &Arc<Self>, i: usize, settings: &ConnectionManagerConfig, timeout: Duration) {
+        let slot = &self.connections[i];
+        if slot.replacing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let pool = self.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let slot = &pool.connections[i];
+            let connect = ConnectionManager::new_with_config(pool.client.clone(), settings);
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(Ok(fresh)) => {
+                    tracing::warn!(redis = %pool.addr, "replaced a Redis connection that stopped answering");
+                    *slot
+                        .connection
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = fresh;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(redis = %pool.addr, error = %e, "replacing a Redis connection failed")
+                }
+                Err(_) => {
+                    tracing::warn!(redis = %pool.addr, "replacing a Redis connection timed out")
+                }
+            }
+            slot.replacing.store(false, Ordering::SeqCst);
+        });
+    }
 }
 
 /// Commands go over a few multiplexed connections, round-robin: concurrent requests share a
@@ -95,15 +159,21 @@ impl Commands {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let timeout = self.timeout;
+        // The connection in use, to be replaced if it stops answering.
+        let current: Mutex<Option<(Arc<Pool>, usize)>> = Mutex::new(None);
         let work = async {
             let mut tried = 0;
             loop {
                 let pool = self.pool();
-                let i = self.next.fetch_add(1, Ordering::Relaxed) % pool.connections.len();
-                let e = match op(pool.connections[i].clone()).await {
+                let i = pool.pick(&self.next);
+                *current.lock().unwrap_or_else(PoisonError::into_inner) = Some((pool.clone(), i));
+                let e = match op(pool.connection(i)).await {
                     Ok(value) => return Ok(value),
                     Err(e) => e,
                 };
+                if e.is_timeout() {
+                    pool.replace(i, &self.settings, timeout);
+                }
                 let moved = self.source.follows_failovers() && primary_may_have_moved(&e);
                 if moved {
                     self.refresh(&pool).await;
@@ -123,6 +193,14 @@ impl Commands {
             }
         };
         let result = tokio::time::timeout(timeout, work).await;
+        if result.is_err()
+            && let Some((pool, i)) = current
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        {
+            pool.replace(i, &self.settings, timeout);
+        }
         match result {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) if write && !never_ran(&e) => {
@@ -210,9 +288,16 @@ async fn open_pool_with(
                 Some(message) => BrokerError::Tls(message),
                 None => e.into(),
             })?;
-        connections.push(connection);
+        connections.push(Slot {
+            connection: Mutex::new(connection),
+            replacing: AtomicBool::new(false),
+        });
     }
-    Ok(Pool { addr, connections })
+    Ok(Pool {
+        addr,
+        client,
+        connections,
+    })
 }
 
 /// Whether a failure suggests the primary is gone or is no longer the primary.
