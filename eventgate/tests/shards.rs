@@ -335,3 +335,85 @@ async fn services_refuse_data_written_with_another_shard_count() {
         "{output}"
     );
 }
+
+/// A browser away while one shard's server restarted with nothing comes back with the one id it
+/// kept: that shard's channels get a `reset` (their history before the restart is gone) and the
+/// events published since; the other shard's channels get exactly what they missed. The id it
+/// keeps from then on resumes both shards exactly, without another reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_from_before_a_shard_lost_its_data_resets_only_that_shards_channels() {
+    let mut stack = stack().await;
+    let channels = channel_per_shard(2);
+    let (lost, kept) = (channels[0].clone(), channels[1].clone());
+    let query = format!("channel={lost}&channel={kept}");
+    let mut client = stack.subscribe(&query).await;
+    stack
+        .publish(json!({"events": [{"channel": lost, "data": 1}, {"channel": kept, "data": 1}]}))
+        .await;
+    client.expect_events(2, SOON).await;
+    let away = client.last_id.clone().expect("an id");
+    drop(client);
+
+    // Server 0, shard 0's, restarts empty (it keeps nothing on disk).
+    stack.shard_servers[0].kill().await;
+    stack.shard_servers[0].restart().await;
+    let deadline = tokio::time::Instant::now() + SOON;
+    let since_lost = loop {
+        let (status, body) = stack
+            .post_publish(
+                json!({"channel": lost, "data": 2}).to_string(),
+                "application/json",
+            )
+            .await;
+        if status == StatusCode::ACCEPTED {
+            break published(&body)[0].1;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the shard never came back: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let missed_kept = stack.publish_one(&kept, json!(2)).await;
+
+    let mut back = stack.subscribe_at(0, &query, Some(&away)).await;
+    let (mut seen, mut resets) = (Vec::new(), Vec::new());
+    while seen.len() < 2 {
+        let event = back.next_event(SOON).await.expect("an event");
+        if event.event.as_deref() == Some("reset") {
+            resets.push(event.envelope.clone());
+        } else {
+            seen.push((event.channel().to_owned(), event.id));
+        }
+    }
+    assert_eq!(
+        resets,
+        [json!({"channels": [lost], "reason": "unknown_position"})],
+        "a reset of the shard that lost its data only"
+    );
+    assert_eq!(
+        by_channel(&seen),
+        by_channel(&[(lost.clone(), since_lost), (kept.clone(), missed_kept)]),
+        "what each shard's channels missed, once"
+    );
+
+    // The id kept after that resumes both shards without another reset.
+    let now = back.last_id.clone().expect("an id");
+    drop(back);
+    let more = stack
+        .publish(json!({"events": [{"channel": lost, "data": 3}, {"channel": kept, "data": 3}]}))
+        .await;
+    let mut again = stack.subscribe_at(0, &query, Some(&now)).await;
+    let got: Vec<(String, u64)> = again
+        .expect_events(2, SOON)
+        .await
+        .iter()
+        .map(|e| (e.channel().to_owned(), e.id))
+        .collect();
+    // A reset would come first, before the replay, and be one of the two.
+    assert_eq!(
+        by_channel(&got),
+        by_channel(&more),
+        "no reset, nothing lost"
+    );
+}
