@@ -592,3 +592,32 @@ async fn a_redis_connection_that_stops_answering_is_replaced() {
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
     assert_eq!(proxy.black_holes(), 1);
 }
+
+/// Every connection the services hold to Redis sends TCP keepalive probes while idle: NAT and
+/// load-balancer entries on the way stay up (the usual clouds drop them after 4 to 10 idle
+/// minutes, and the next command would then go into a black hole), and a peer that vanished is
+/// noticed. Read from the kernel's socket table: an idle established socket has a timer only
+/// when keepalive is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_to_redis_send_keepalive_probes_while_idle() {
+    let stack = Stack::start(Backend::Redis).await;
+    stack.publish_one("orders", json!(1)).await;
+    let port = format!("{:04X}", stack.redis().port);
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    // sl local rem st queues tr:when ...; rem is `ADDR:PORT` in hex, st 01 is established.
+    let to_redis: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(2).and_then(|rem| rem.split(':').nth(1)) == Some(port.as_str())
+                && fields.get(3) == Some(&"01")
+        })
+        .collect();
+    // The publisher's and the gateway's command connections, and the gateway's pub/sub one.
+    assert!(to_redis.len() >= 3, "{to_redis:#?}");
+    for line in &to_redis {
+        let timer = line.split_whitespace().nth(5).unwrap_or_default();
+        assert!(timer.starts_with("02:"), "no keepalive timer: {line}");
+    }
+}

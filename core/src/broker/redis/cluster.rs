@@ -383,7 +383,9 @@ pub(crate) fn builder(
         .iter()
         .map(|s| s.as_str().into_connection_info())
         .collect::<Result<Vec<_>, _>>()?;
-    let mut builder = ClusterClientBuilder::new(infos).retries(2);
+    let mut builder = ClusterClientBuilder::new(infos)
+        .retries(2)
+        .tcp_settings(super::source::tcp_settings());
     if let Some(certificates) = certificates {
         builder = builder.certs(certificates);
     }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use redis::{
     ConnectionAddr, IntoConnectionInfo, TlsMode,
+    io::tcp::{TcpSettings, socket2::TcpKeepalive},
     sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
 };
 
@@ -53,13 +54,34 @@ pub(crate) fn sources(config: &BrokerConfig) -> Result<Vec<Source>, BrokerError>
     Ok(vec![Source::sentinel(config, certificates)?])
 }
 
+/// The TCP options of every Redis connection (redis-rs sets none of them by default):
+/// - no Nagle delay: several commands pipelined on one connection go out at once;
+/// - keepalive probes after 30 s idle: the NAT and load-balancer entries on the way, which the
+///   usual clouds drop after 4 to 10 minutes idle, stay up, and a peer that vanished is noticed
+///   while the connection is idle;
+/// - data unacknowledged for 10 s closes the connection, which then reconnects, instead of
+///   retransmitting for about 15 minutes (a host gone without a reset).
+pub(crate) fn tcp_settings() -> TcpSettings {
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10));
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive.with_retries(3);
+    let settings = TcpSettings::default()
+        .set_nodelay(true)
+        .set_keepalive(keepalive);
+    #[cfg(target_os = "linux")]
+    let settings = settings.set_user_timeout(Duration::from_secs(10));
+    settings
+}
+
 /// A client of the server at `url`, with the configured TLS.
 pub(crate) fn client(
     url: &str,
     certificates: Option<redis::TlsCertificates>,
     config: &BrokerConfig,
 ) -> Result<redis::Client, BrokerError> {
-    let info = url.into_connection_info()?;
+    let info = url.into_connection_info()?.set_tcp_settings(tcp_settings());
     let client = match certificates {
         Some(certificates) => redis::Client::build_with_tls(info, certificates)?,
         None => redis::Client::open(info)?,
@@ -105,7 +127,9 @@ impl Source {
             .collect::<Result<Vec<_>, _>>()
             .map_err(BrokerError::Config)?;
         let mut builder =
-            SentinelClientBuilder::new(sentinels, master.clone(), SentinelServerType::Master)?;
+            SentinelClientBuilder::new(sentinels, master.clone(), SentinelServerType::Master)?
+                .set_client_to_redis_tcp_settings(tcp_settings())
+                .set_client_to_sentinel_tcp_settings(tcp_settings());
         if tls_on {
             builder = builder
                 .set_client_to_redis_tls_mode(TlsMode::Secure)
@@ -208,5 +232,16 @@ mod tests {
         for bad in ["sentinel", ":26379", "host:", "host:0", "host:99999"] {
             assert!(parse_host_port(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn connections_to_a_url_get_the_tcp_options() {
+        let config = BrokerConfig::memory();
+        let client = client("redis://127.0.0.1:6379", None, &config).expect("client");
+        let tcp = client.get_connection_info().tcp_settings();
+        assert!(tcp.nodelay());
+        assert!(tcp.keepalive().is_some());
+        #[cfg(target_os = "linux")]
+        assert_eq!(tcp.user_timeout(), Some(Duration::from_secs(10)));
     }
 }
