@@ -47,6 +47,23 @@ fn by_channel(events: &[(String, u64)]) -> BTreeMap<String, Vec<u64>> {
     map
 }
 
+/// Events as `(channel, id)` and the envelopes of resets, read until `done(events)`.
+async fn events_and_resets(
+    client: &mut SseClient,
+    done: impl Fn(&[(String, u64)]) -> bool,
+) -> (Vec<(String, u64)>, Vec<serde_json::Value>) {
+    let (mut seen, mut resets) = (Vec::new(), Vec::new());
+    while !done(&seen) {
+        let event = client.next_event(SOON).await.expect("an event");
+        if event.event.as_deref() == Some("reset") {
+            resets.push(event.envelope.clone());
+        } else {
+            seen.push((event.channel().to_owned(), event.id));
+        }
+    }
+    (seen, resets)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_id_resumes_every_shard_of_a_connection_exactly() {
     let stack = stack().await;
@@ -269,20 +286,8 @@ async fn a_shard_that_is_down_takes_only_its_own_channels_with_it() {
     );
     // The client gets the first part once, a reset of the shard that came back (it lost its
     // data), and the retried part.
-    let (mut seen, mut resets) = (Vec::new(), Vec::new());
-    while seen
-        .iter()
-        .filter(|(c, _): &&(String, u64)| c == down)
-        .count()
-        == 0
-    {
-        let event = client.next_event(SOON).await.expect("event");
-        if event.event.as_deref() == Some("reset") {
-            resets.push(event.envelope.clone());
-            continue;
-        }
-        seen.push((event.channel().to_owned(), event.id));
-    }
+    let (seen, resets) =
+        events_and_resets(&mut client, |seen| seen.iter().any(|(c, _)| c == down)).await;
     assert_eq!(
         resets,
         [json!({"channels": [down], "reason": "data_lost"})],
@@ -377,15 +382,7 @@ async fn an_id_from_before_a_shard_lost_its_data_resets_only_that_shards_channel
     let missed_kept = stack.publish_one(&kept, json!(2)).await;
 
     let mut back = stack.subscribe_at(0, &query, Some(&away)).await;
-    let (mut seen, mut resets) = (Vec::new(), Vec::new());
-    while seen.len() < 2 {
-        let event = back.next_event(SOON).await.expect("an event");
-        if event.event.as_deref() == Some("reset") {
-            resets.push(event.envelope.clone());
-        } else {
-            seen.push((event.channel().to_owned(), event.id));
-        }
-    }
+    let (seen, resets) = events_and_resets(&mut back, |seen| seen.len() == 2).await;
     assert_eq!(
         resets,
         [json!({"channels": [lost], "reason": "unknown_position"})],
