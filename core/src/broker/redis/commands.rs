@@ -159,7 +159,7 @@ impl Commands {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let timeout = self.timeout;
-        // The connection in use, to be replaced if it stops answering.
+        // The connection a command is waiting on, to be replaced if the time runs out.
         let current: Mutex<Option<(Arc<Pool>, usize)>> = Mutex::new(None);
         let work = async {
             let mut tried = 0;
@@ -171,6 +171,11 @@ impl Commands {
                     Ok(value) => return Ok(value),
                     Err(e) => e,
                 };
+                // It answered (with an error): not the one to blame if the time runs out later.
+                current
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
                 if e.is_timeout() {
                     pool.replace(i, &self.settings, timeout);
                 }
