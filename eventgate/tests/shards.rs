@@ -47,6 +47,15 @@ fn by_channel(events: &[(String, u64)]) -> BTreeMap<String, Vec<u64>> {
     map
 }
 
+/// Exactly `n` events, as `(channel, id)`.
+async fn channel_ids(client: &mut SseClient, n: usize, timeout: Duration) -> Vec<(String, u64)> {
+    let events = client.expect_events(n, timeout).await;
+    events
+        .iter()
+        .map(|e| (e.channel().to_owned(), e.id))
+        .collect()
+}
+
 /// Events as `(channel, id)` and the envelopes of resets, read until `done(events)`.
 async fn events_and_resets(
     client: &mut SseClient,
@@ -85,12 +94,7 @@ async fn one_id_resumes_every_shard_of_a_connection_exactly() {
     let first: Vec<(String, u64)> = stack
         .publish(json!({"events": channels.iter().map(|c| json!({"channel": c, "data": 0})).collect::<Vec<_>>()}))
         .await;
-    let got: Vec<(String, u64)> = client
-        .expect_events(SHARDS, SOON)
-        .await
-        .iter()
-        .map(|e| (e.channel().to_owned(), e.id))
-        .collect();
+    let got = channel_ids(&mut client, SHARDS, SOON).await;
     assert_eq!(by_channel(&got), by_channel(&first));
     let last = client.last_id.clone().expect("last id");
     drop(client);
@@ -104,12 +108,7 @@ async fn one_id_resumes_every_shard_of_a_connection_exactly() {
         missed.extend(stack.publish(json!({"events": events})).await);
     }
     let mut back = stack.subscribe_at(0, &query, Some(&last)).await;
-    let got: Vec<(String, u64)> = back
-        .expect_events(missed.len(), Duration::from_secs(30))
-        .await
-        .iter()
-        .map(|e| (e.channel().to_owned(), e.id))
-        .collect();
+    let got = channel_ids(&mut back, missed.len(), Duration::from_secs(30)).await;
     assert_eq!(
         by_channel(&got),
         by_channel(&missed),
@@ -401,12 +400,7 @@ async fn an_id_from_before_a_shard_lost_its_data_resets_only_that_shards_channel
         .publish(json!({"events": [{"channel": lost, "data": 3}, {"channel": kept, "data": 3}]}))
         .await;
     let mut again = stack.subscribe_at(0, &query, Some(&now)).await;
-    let got: Vec<(String, u64)> = again
-        .expect_events(2, SOON)
-        .await
-        .iter()
-        .map(|e| (e.channel().to_owned(), e.id))
-        .collect();
+    let got = channel_ids(&mut again, 2, SOON).await;
     // A reset would come first, before the replay, and be one of the two.
     assert_eq!(
         by_channel(&got),
